@@ -1,0 +1,30 @@
+"""Augmentation as Keras preprocessing layers (backend-neutral; active only in training)."""
+
+from __future__ import annotations
+
+import keras
+
+from fer_pipeline.train.config import AugmentParams
+
+
+def augmentation_layers(aug: AugmentParams, seed: int | None = None) -> list[keras.layers.Layer]:
+    """The study's ImageDataGenerator settings as Keras 3 layers. Layers run in float32."""
+    layers: list[keras.layers.Layer] = []
+    kw = {"dtype": "float32", "seed": seed}
+    if aug.rotation:
+        # RandomRotation's factor is a fraction of a full turn.
+        layers.append(keras.layers.RandomRotation(aug.rotation / 360.0, fill_mode=aug.fill_mode,
+                                                  name="aug_rotation", **kw))
+    if aug.width_shift or aug.height_shift:
+        layers.append(keras.layers.RandomTranslation(aug.height_shift, aug.width_shift,
+                                                     fill_mode=aug.fill_mode,
+                                                     name="aug_shift", **kw))
+    if aug.shear:
+        layers.append(keras.layers.RandomShear(x_factor=aug.shear, y_factor=aug.shear,
+                                               fill_mode=aug.fill_mode, name="aug_shear", **kw))
+    if aug.zoom:
+        layers.append(keras.layers.RandomZoom(aug.zoom, aug.zoom, fill_mode=aug.fill_mode,
+                                              name="aug_zoom", **kw))
+    if aug.horizontal_flip:
+        layers.append(keras.layers.RandomFlip("horizontal", name="aug_flip", **kw))
+    return layers

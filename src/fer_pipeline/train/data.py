@@ -1,0 +1,51 @@
+"""Feeding in-memory arrays to `fit`: tf.data on the TensorFlow backend, a backend-neutral
+`keras.utils.PyDataset` of numpy batches elsewhere (JAX, torch)."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+
+class ArrayBatches(keras.utils.PyDataset):
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool,
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+        self.rng = np.random.default_rng(seed)
+        self.order = np.arange(len(y))
+        if shuffle:
+            self.rng.shuffle(self.order)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.y) / self.batch_size)
+
+    def __getitem__(self, i: int):
+        idx = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])
+        return self.x[idx].astype(np.float32), self.y[idx]
+
+    def on_epoch_end(self) -> None:
+        if self.shuffle:
+            self.rng.shuffle(self.order)
+
+
+def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool = False,
+                 seed: int = 0):
+    """Batches of (float32 x, int y). x stays uint8 in memory; batches are gathered by index,
+    cast to float32 and prefetched, so the input pipeline never decodes or copies per image."""
+    if keras.backend.backend() != "tensorflow":
+        return ArrayBatches(x, y, batch_size, shuffle, seed)
+    import tensorflow as tf
+
+    xt = tf.constant(x)
+    yt = tf.constant(y)
+    ds = tf.data.Dataset.range(len(y))
+    if shuffle:
+        ds = ds.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size).map(
+        lambda idx: (tf.cast(tf.gather(xt, idx), tf.float32), tf.gather(yt, idx)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,166 @@
+"""Model builders (Keras 3 layers and ops only, so every backend runs them).
+
+Every model takes raw grayscale pixels, float32 0..255, shape (48, 48, 1). Augmentation,
+pixel scaling, resizing and grayscale-to-RGB are layers inside the model, so data on disk stays
+48x48 uint8 and the logged model needs no outside preprocessing.
+
+Transfer models are built as `extractor` (scaling, resize, RGB, frozen base, global pooling) and
+`head` (dense layers), composed into the full model; with a frozen base and no augmentation the
+training stage runs the extractor once and trains the head on cached features.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+
+from fer_pipeline.cli import StageError
+from fer_pipeline.train.augment import augmentation_layers
+from fer_pipeline.train.config import ModelParams
+
+log = logging.getLogger(__name__)
+
+IMAGENET_FILES = {
+    "vgg16": ("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+              "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"),
+    "resnet50": ("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                 "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"),
+}
+# "caffe" preprocessing of VGG16/ResNet50: BGR, minus the ImageNet channel means. The input is
+# gray replicated to 3 channels, so channel order does not matter.
+CAFFE_MEAN = [103.939, 116.779, 123.68]
+
+
+class WeightsUnavailable(StageError):
+    """Pretrained weights were asked for but cannot be had."""
+
+
+@dataclass
+class BuiltModel:
+    model: keras.Model
+    extractor: keras.Model | None = None   # frozen part (transfer models)
+    head: keras.Model | None = None        # trainable part on extractor features
+    pretrained: bool = False
+    weights_source: str = "none"
+
+
+def keras_models_dir() -> Path:
+    home = os.environ.get("KERAS_HOME") or str(Path.home() / ".keras")
+    return Path(home) / "models"
+
+
+def resolve_weights(arch: str, weights: str | None, name: str = "") -> str | None:
+    """Return what to pass as `weights=` to keras.applications, or raise a clear error."""
+    if weights is None:
+        return None
+    key = f"models.{name or arch}.weights"
+    if weights != "imagenet":
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsUnavailable(f"{key}: weights file not found: {path}")
+        return str(path)
+    fname, base_url = IMAGENET_FILES[arch]
+    cached = keras_models_dir() / fname
+    if cached.is_file():
+        return str(cached)
+    # Not cached: try to download once, with a short timeout (works on a machine with internet).
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(20)
+    try:
+        return keras.utils.get_file(fname, base_url + fname, cache_subdir="models")
+    except Exception as exc:  # noqa: BLE001 - any failure means: no weights here
+        reason = f"{type(exc).__name__}: {exc}"
+    finally:
+        socket.setdefaulttimeout(old)
+    raise WeightsUnavailable(
+        f"{key} is 'imagenet' but the ImageNet weights for {arch} are not available: "
+        f"they are not in the Keras cache ({cached}) and this machine cannot download them "
+        f"({reason}). Provide the file: copy {fname} (from {base_url}{fname}) to {cached} "
+        f"(or set KERAS_HOME), or set {key} to an explicit local path to the .h5 file; "
+        f"or set {key}: null to train without pretrained weights (recorded as pretrained=false)."
+    )
+
+
+def _units(n: int, width: float) -> int:
+    return max(1, round(n * width))
+
+
+def build_custom_cnn(mp: ModelParams, num_classes: int, image_size: int = 48,
+                     seed: int | None = None) -> BuiltModel:
+    inp = keras.Input((image_size, image_size, 1), name="image", dtype="float32")
+    x = inp
+    for layer in augmentation_layers(mp.augmentation, seed):
+        x = layer(x)
+    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(x)
+    for i, f in enumerate(mp.conv_filters):
+        x = keras.layers.Conv2D(_units(f, mp.width), 3, padding="same", use_bias=False,
+                                name=f"conv{i + 1}")(x)
+        x = keras.layers.BatchNormalization(name=f"bn{i + 1}")(x)
+        x = keras.layers.Activation("relu", name=f"relu{i + 1}")(x)
+        if i > 0:
+            x = keras.layers.MaxPooling2D(2, name=f"pool{i + 1}")(x)
+            x = keras.layers.Dropout(0.25, name=f"drop{i + 1}")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    for i, u in enumerate(mp.dense_units):
+        x = keras.layers.Dense(_units(u, mp.width), activation="relu", name=f"dense{i + 1}")(x)
+        x = keras.layers.Dropout(mp.dropout, name=f"dense_drop{i + 1}")(x)
+    out = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
+                             name="predictions")(x)
+    return BuiltModel(keras.Model(inp, out, name="custom_cnn"))
+
+
+def build_transfer(mp: ModelParams, num_classes: int, image_size: int = 48,
+                   seed: int | None = None, name: str = "") -> BuiltModel:
+    weights = resolve_weights(mp.arch, mp.weights, name)
+    size = mp.input_size
+    app = {"vgg16": keras.applications.VGG16, "resnet50": keras.applications.ResNet50}[mp.arch]
+    base = app(include_top=False, weights=weights, input_shape=(size, size, 3))
+    base.trainable = not mp.freeze_base
+
+    # Extractor: raw 48x48x1 pixels -> pooled base features.
+    ex_in = keras.Input((image_size, image_size, 1), name="pixels", dtype="float32")
+    x = keras.layers.Resizing(size, size, name="resize", dtype="float32")(ex_in)
+    x = keras.layers.Concatenate(axis=-1, name="gray_to_rgb", dtype="float32")([x, x, x])
+    if mp.preprocessing == "rescale":
+        x = keras.layers.Rescaling(1.0 / 255, name="rescale")(x)
+    else:
+        x = keras.layers.Normalization(mean=CAFFE_MEAN, variance=[1.0, 1.0, 1.0],
+                                       name="base_preprocess")(x)
+    x = base(x, training=False if mp.freeze_base else None)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    extractor = keras.Model(ex_in, x, name=f"{mp.arch}_extractor")
+
+    feat = keras.Input((int(x.shape[-1]),), name="features")
+    h = feat
+    for i, u in enumerate(mp.dense_units):
+        h = keras.layers.Dense(_units(u, mp.width), activation="relu", name=f"dense{i + 1}")(h)
+        h = keras.layers.Dropout(mp.dropout, name=f"dense_drop{i + 1}")(h)
+    h = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
+                           name="predictions")(h)
+    head = keras.Model(feat, h, name="head")
+
+    inp = keras.Input((image_size, image_size, 1), name="image", dtype="float32")
+    y = inp
+    for layer in augmentation_layers(mp.augmentation, seed):
+        y = layer(y)
+    model = keras.Model(inp, head(extractor(y)), name=mp.arch)
+    source = "none" if weights is None else ("imagenet" if mp.weights == "imagenet" else weights)
+    return BuiltModel(model, extractor, head, pretrained=weights is not None,
+                      weights_source=source)
+
+
+def build_model(mp: ModelParams, num_classes: int, image_size: int = 48,
+                seed: int | None = None, name: str = "") -> BuiltModel:
+    if mp.is_transfer:
+        return build_transfer(mp, num_classes, image_size, seed, name)
+    return build_custom_cnn(mp, num_classes, image_size, seed)
+
+
+def trainable_params(model: keras.Model) -> int:
+    return int(sum(math.prod(w.shape) for w in model.trainable_weights))
