@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # Reasons in the order they are tested: the first that applies is the one reported.
 REASONS = (
-    "misplaced", "unknown_class", "extension_not_allowed", "unreadable", "color_image",
+    "misplaced", "unknown_class", "unreadable", "extension_not_allowed", "color_image",
     "wrong_size", "near_blank", "label_conflict", "test_leak", "duplicate",
 )
 FLAG_COLUMNS = ("flag_duplicate", "flag_blank", "flag_leak", "flag_label_conflict")
@@ -46,10 +46,10 @@ def decide(manifest: pd.DataFrame, data: DataParams, params: CleanParams) -> pd.
          "not in <split>/<class>/<file> layout under " + data.raw_dir)
     mark(~m["label"].isin(data.classes), "unknown_class",
          "class folder '" + m["label"].astype(str) + "' is not one of data.classes")
+    mark(~m["readable"].astype(bool), "unreadable", m["error"].astype(str))
     ext_ok = m["ext"].isin(params.keep_extensions)
     mark(is_train & ~ext_ok, "extension_not_allowed",
          "extension '." + m["ext"].astype(str) + "' (keep: " + ", ".join(params.keep_extensions) + ")")
-    mark(~m["readable"].astype(bool), "unreadable", m["error"].astype(str))
 
     color = (m["channels"].fillna(1) > 1) & ~m["gray_equal"].astype(bool)
     mark(is_train & color & (params.color_policy == "drop"), "color_image",
