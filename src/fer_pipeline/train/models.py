@@ -43,7 +43,8 @@ class WeightsUnavailable(StageError):
 
 @dataclass
 class BuiltModel:
-    model: keras.Model
+    model: keras.Model                     # inference model (saved, logged): no augmentation
+    train_model: keras.Model               # what `fit` trains: augmentation + `model`
     extractor: keras.Model | None = None   # frozen part (transfer models)
     head: keras.Model | None = None        # trainable part on extractor features
     pretrained: bool = False
@@ -94,10 +95,7 @@ def _units(n: int, width: float) -> int:
 def build_custom_cnn(mp: ModelParams, num_classes: int, image_size: int = 48,
                      seed: int | None = None) -> BuiltModel:
     inp = keras.Input((image_size, image_size, 1), name="image", dtype="float32")
-    x = inp
-    for layer in augmentation_layers(mp.augmentation, seed):
-        x = layer(x)
-    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(x)
+    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(inp)
     for i, f in enumerate(mp.conv_filters):
         x = keras.layers.Conv2D(_units(f, mp.width), 3, padding="same", use_bias=False,
                                 name=f"conv{i + 1}")(x)
@@ -112,7 +110,22 @@ def build_custom_cnn(mp: ModelParams, num_classes: int, image_size: int = 48,
         x = keras.layers.Dropout(mp.dropout, name=f"dense_drop{i + 1}")(x)
     out = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
                              name="predictions")(x)
-    return BuiltModel(keras.Model(inp, out, name="custom_cnn"))
+    model = keras.Model(inp, out, name="custom_cnn")
+    return BuiltModel(model, with_augmentation(model, mp, image_size, seed))
+
+
+def with_augmentation(model: keras.Model, mp: ModelParams, image_size: int,
+                      seed: int | None) -> keras.Model:
+    """Training wrapper: augmentation layers in front of the inference model. Augmentation
+    stays out of the saved model (it is training-only, and keeps the file loadable anywhere)."""
+    layers = augmentation_layers(mp.augmentation, seed)
+    if not layers:
+        return model
+    inp = keras.Input((image_size, image_size, 1), name="image", dtype="float32")
+    x = inp
+    for layer in layers:
+        x = layer(x)
+    return keras.Model(inp, model(x), name=f"{model.name}_train")
 
 
 def build_transfer(mp: ModelParams, num_classes: int, image_size: int = 48,
@@ -146,13 +159,10 @@ def build_transfer(mp: ModelParams, num_classes: int, image_size: int = 48,
     head = keras.Model(feat, h, name="head")
 
     inp = keras.Input((image_size, image_size, 1), name="image", dtype="float32")
-    y = inp
-    for layer in augmentation_layers(mp.augmentation, seed):
-        y = layer(y)
-    model = keras.Model(inp, head(extractor(y)), name=mp.arch)
+    model = keras.Model(inp, head(extractor(inp)), name=mp.arch)
     source = "none" if weights is None else ("imagenet" if mp.weights == "imagenet" else weights)
-    return BuiltModel(model, extractor, head, pretrained=weights is not None,
-                      weights_source=source)
+    return BuiltModel(model, with_augmentation(model, mp, image_size, seed), extractor, head,
+                      pretrained=weights is not None, weights_source=source)
 
 
 def build_model(mp: ModelParams, num_classes: int, image_size: int = 48,
