@@ -1,0 +1,112 @@
+"""Test-set metrics from predicted probabilities (numpy + scikit-learn only).
+
+`predict_proba` runs a Keras model with optional test-time augmentation; everything else works
+on arrays, so it is the same for every model and backend.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+from fer_pipeline.data.arrays import TEST_FLAGS
+
+
+@dataclass
+class Prediction:
+    probs: np.ndarray          # (N, C) float32
+    seconds: float             # wall time of the plain (non-augmented) pass
+    images_per_second: float
+
+
+def predict_proba(model: Any, x: np.ndarray, batch_size: int = 256, tta: str = "none") -> Prediction:
+    """Class probabilities of `model` on raw pixels x (N, H, W, 1), 0..255.
+
+    tta="flip" averages the probabilities of each image and its horizontal mirror (faces are
+    roughly symmetric; the study trains some models with horizontal flips). The speed reported
+    is that of the plain pass: images/s of the model itself at this batch size.
+    """
+    xf = np.asarray(x, dtype=np.float32)
+    t0 = time.perf_counter()
+    probs = np.asarray(model.predict(xf, batch_size=batch_size, verbose=0), dtype=np.float32)
+    seconds = time.perf_counter() - t0
+    if tta == "flip":
+        flipped = np.ascontiguousarray(xf[:, :, ::-1, :])
+        probs = (probs + np.asarray(model.predict(flipped, batch_size=batch_size, verbose=0),
+                                    dtype=np.float32)) / 2.0
+    elif tta != "none":
+        raise ValueError(f"unknown tta mode {tta!r}")
+    return Prediction(probs, seconds, len(xf) / max(seconds, 1e-9))
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    return cm  # rows: actual, columns: predicted
+
+
+def row_normalize(cm: np.ndarray) -> np.ndarray:
+    sums = cm.sum(axis=1, keepdims=True)
+    return np.divide(cm, sums, out=np.zeros(cm.shape, dtype=float), where=sums > 0)
+
+
+def _acc(y: np.ndarray, pred: np.ndarray, mask: np.ndarray) -> float | None:
+    return float((y[mask] == pred[mask]).mean()) if mask.any() else None
+
+
+def clean_mask(flags: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """True for test images that clean flagged with no problem (kept, but reported apart)."""
+    mask = np.ones(n, dtype=bool)
+    for key in TEST_FLAGS:
+        if key in flags:
+            mask &= ~np.asarray(flags[key], dtype=bool)
+    return mask
+
+
+def compute_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str],
+                    origin: np.ndarray | None = None,
+                    flags: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Flat `test_*` numbers plus a `per_class` table; None where a subset is empty."""
+    n_classes = len(classes)
+    y = np.asarray(y, dtype=np.int64)
+    pred = probs.argmax(axis=1)
+    top2 = np.argsort(-probs, axis=1)[:, :2]
+    labels = list(range(n_classes))
+    prec, rec, f1, support = precision_recall_fscore_support(y, pred, labels=labels,
+                                                             zero_division=0)
+    origin = np.asarray(origin if origin is not None else np.full(len(y), ""), dtype=str)
+    clean = clean_mask(flags or {}, len(y))
+    out: dict[str, Any] = {
+        "test_accuracy": float((pred == y).mean()),
+        "test_macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "test_weighted_f1": float(f1_score(y, pred, labels=labels, average="weighted",
+                                           zero_division=0)),
+        "test_top2_accuracy": float((top2 == y[:, None]).any(axis=1).mean()),
+        "test_accuracy_public": _acc(y, pred, origin == "PublicTest"),
+        "test_accuracy_private": _acc(y, pred, origin == "PrivateTest"),
+        "test_accuracy_clean": _acc(y, pred, clean),
+        "test_n": int(len(y)),
+        "test_n_public": int((origin == "PublicTest").sum()),
+        "test_n_private": int((origin == "PrivateTest").sum()),
+        "test_n_clean": int(clean.sum()),
+    }
+    out["per_class"] = {
+        c: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
+            "support": int(support[i])}
+        for i, c in enumerate(classes)
+    }
+    return out
+
+
+def flat_mlflow_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """`test_*` numbers and per-class `test_{precision,recall,f1}_<class>` for MLflow."""
+    flat = {k: float(v) for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and v is not None}
+    for cls, row in metrics.get("per_class", {}).items():
+        for key in ("precision", "recall", "f1"):
+            flat[f"test_{key}_{cls}"] = float(row[key])
+    return flat

@@ -1,0 +1,169 @@
+"""Files the evaluate stage writes: images, DVC plots data, per-class and comparison tables.
+
+Layout (one folder per kind, one file per model, so dvc.yaml can declare each folder once
+whatever the models are):
+  metrics.json                      DVC metrics, nested per model
+  comparison.md / comparison.csv    one row per model; names the champion
+  confusion/<name>.csv              one row per test image (actual, predicted): DVC confusion plots
+  per_class/<name>.csv              precision/recall/F1/support per class
+  images/<name>_confusion.png, <name>_confusion_normalized.png, <name>_curves.png
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fer_pipeline.evaluate.metrics import row_normalize
+
+COMPARISON_COLUMNS = [
+    ("model", "model"), ("arch", "arch"), ("pretrained", "pretrained"),
+    ("trainable_params", "params"), ("epochs_run", "epochs"), ("best_epoch", "best epoch"),
+    ("train_seconds", "train s"), ("val_accuracy", "val acc"), ("test_accuracy", "test acc"),
+    ("test_accuracy_public", "PublicTest acc"), ("test_accuracy_private", "PrivateTest acc"),
+    ("test_accuracy_clean", "clean test acc"), ("test_macro_f1", "macro F1"),
+    ("test_weighted_f1", "weighted F1"), ("test_top2_accuracy", "top-2 acc"),
+    ("images_per_second", "img/s"), ("champion", "champion"),
+]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def confusion_figure(cm: np.ndarray, classes: list[str], title: str, normalized: bool):
+    plt = _pyplot()
+    data = row_normalize(cm) if normalized else cm
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(data, cmap="Blues", vmin=0, vmax=1 if normalized else None)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(title)
+    hi = data.max() / 2 if data.size else 0
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            v = data[i, j]
+            ax.text(j, i, f"{v:.2f}" if normalized else str(int(v)), ha="center", va="center",
+                    fontsize=8, color="white" if v > hi else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(history_csv: Path, title: str):
+    """Training curves from reports/train/<name>/history.csv; None when there is none."""
+    if not history_csv.is_file():
+        return None
+    with history_csv.open() as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return None
+    plt = _pyplot()
+    ep = [int(r["epoch"]) + 1 for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
+        for prefix in ("", "val_"):
+            col = prefix + key
+            if col in rows[0]:
+                ax.plot(ep, [float(r[col]) for r in rows], marker=".",
+                        label=("val " if prefix else "train ") + key)
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+
+
+def write_confusion_csv(path: Path, y: np.ndarray, pred: np.ndarray, classes: list[str]) -> None:
+    """Per-image rows for DVC's `confusion` / `confusion_normalized` templates."""
+    lines = ["actual,predicted"] + [f"{classes[a]},{classes[p]}" for a, p in zip(y, pred, strict=True)]
+    atomic_write(path, "\n".join(lines) + "\n")
+
+
+def per_class_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"class": c, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}}
+            for c, row in metrics["per_class"].items()]
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _fmt(key: str, value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if key == "trainable_params":
+        return f"{int(value):,}"
+    if key in ("train_seconds", "images_per_second"):
+        return f"{float(value):,.0f}"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def comparison_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{key: r.get(key) for key, _ in COMPARISON_COLUMNS} for r in results.values()]
+
+
+def write_comparison(out_dir: Path, rows: list[dict[str, Any]], champion: str | None,
+                     note: dict[str, Any]) -> None:
+    keys = [k for k, _ in COMPARISON_COLUMNS]
+    write_csv(out_dir / "comparison.csv", rows, keys)
+    head = "| " + " | ".join(h for _, h in COMPARISON_COLUMNS) + " |"
+    sep = "|" + "|".join("---" if k in ("model", "arch") else "---:" for k in keys) + "|"
+    body = ["| " + " | ".join(("**" + _fmt(k, r[k]) + "**") if k == "model" and r[k] == champion
+                              else _fmt(k, r[k]) for k in keys) + " |" for r in rows]
+    champ_line = (f"**Champion: `{champion}`** (highest validation accuracy; ties: fewer "
+                  f"parameters; the test set never chooses)." if champion else
+                  "No champion: no model could be ranked.")
+    lines = [
+        "# Model comparison", "", champ_line, "",
+        f"Test set: {note['test_n']} images ({note['test_n_public']} PublicTest, "
+        f"{note['test_n_private']} PrivateTest; {note['test_n_clean']} without clean's flags). "
+        f"Test-time augmentation: `{note['tta']}`. Speed: images/s of one plain pass over the "
+        f"test set at batch {note['batch_size']} on this machine.", "",
+        head, sep, *body, "",
+    ]
+    if note.get("registry"):
+        lines += [f"Registry: {note['registry']}", ""]
+    atomic_write(out_dir / "comparison.md", "\n".join(lines))
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    atomic_write(path, json.dumps(metrics, indent=2, sort_keys=False) + "\n")

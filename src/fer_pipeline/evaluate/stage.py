@@ -1,0 +1,226 @@
+"""Evaluate stage: `fer evaluate` scores every trained model on the test split, compares them,
+logs the evaluation to each model's MLflow run and registers the champion.
+
+One implementation, `evaluate_models`, used by the CLI, DVC (`evaluate` stage), flows and tests.
+The test split is read here and nowhere else; the champion is chosen by validation accuracy
+from training (reports/train/<name>/metrics.json), never by a test number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fer_pipeline.cli import StageError
+from fer_pipeline.evaluate.config import EvaluateConfig, load_evaluate_config
+
+log = logging.getLogger(__name__)
+
+TRAIN_KEYS = ("arch", "pretrained", "trainable_params", "epochs_run", "best_epoch",
+              "train_seconds", "val_accuracy")
+
+
+@dataclass
+class EvaluationResult:
+    models: dict[str, dict[str, Any]]       # per model: comparison row + all test metrics
+    champion: str | None
+    registry: dict[str, Any] | None
+    reports_dir: Path
+    skipped: list[str] = field(default_factory=list)
+
+
+def _read_json(path: Path, what: str, stage: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise StageError(f"{what} not found: {path}. Run `dvc repro {stage}` first.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise StageError(f"{what} {path} is not valid JSON ({exc}); rerun `dvc repro {stage}`") from exc
+
+
+def select_models(cfg: EvaluateConfig, names: list[str] | None) -> tuple[list[str], list[str]]:
+    """(models to evaluate, models skipped because they are not trained)."""
+    models_dir = Path(cfg.train.train.models_dir)
+    wanted = list(names or cfg.train.models)
+    unknown = [n for n in wanted if n not in cfg.train.models]
+    if unknown:
+        raise StageError(f"no models.{unknown[0]} in params (have: {', '.join(cfg.train.models)})")
+    found = [n for n in wanted if (models_dir / n / "model.keras").is_file()]
+    missing = [n for n in wanted if n not in found]
+    hint = ", ".join(f"`dvc repro train@{n}`" for n in missing)
+    if names and missing:
+        raise StageError(f"model(s) not trained: {', '.join(missing)} (no {models_dir}/<name>/"
+                         f"model.keras). Run {hint} (or `fer train --model NAME`).")
+    if not found:
+        raise StageError(f"no trained model in {models_dir}/ for {', '.join(wanted)}. "
+                         f"Run `dvc repro train` first.")
+    for n in missing:
+        log.warning("%s is not trained (no %s): skipped. Run `dvc repro train@%s`.", n,
+                    models_dir / n / "model.keras", n)
+    return found, missing
+
+
+def evaluate_models(params_path: str | Path = "params.yaml", names: list[str] | None = None,
+                    register: bool | None = None, log_mlflow: bool = True) -> EvaluationResult:
+    """Evaluate trained models on the test split, write reports, log to MLflow, register.
+
+    register=None follows params `registry.enabled`. log_mlflow=False (and no register) runs
+    without any tracking store: only the report files.
+    """
+    from fer_pipeline.data.arrays import load_split
+    from fer_pipeline.evaluate import metrics as M
+    from fer_pipeline.evaluate import report as R
+    from fer_pipeline.evaluate.registry import choose_champion, log_evaluation, register_champion
+
+    cfg = load_evaluate_config(params_path)
+    ep, rp, tc = cfg.evaluate, cfg.registry, cfg.train
+    register = rp.enabled if register is None else register
+    found, skipped = select_models(cfg, names)
+    train_reports = Path(tc.train.reports_dir)
+    models_dir = Path(tc.train.models_dir)
+    out = Path(ep.reports_dir)
+
+    # Cheap checks first: training reports of every model, tracking store reachable.
+    train_metrics = {n: _read_json(train_reports / n / "metrics.json", f"training metrics of {n}",
+                                   f"train@{n}") for n in found}
+    mlflow_info = {n: (json.loads(p.read_text()) if (p := train_reports / n / "mlflow.json").is_file()
+                       else {}) for n in found}
+    if log_mlflow or register:
+        from fer_pipeline.train import tracking
+
+        uri = tracking.setup_tracking(tc.mlflow.tracking_uri, tc.mlflow.experiment,
+                                      tc.mlflow.probe_timeout_s)
+        log.info("MLflow tracking: %s", uri)
+
+    test = load_split(ep.test_path)
+    classes = test.classes
+    import keras
+
+    results: dict[str, dict[str, Any]] = {}
+    metrics_out: dict[str, dict[str, Any]] = {}
+    for name in found:
+        model = keras.saving.load_model(models_dir / name / "model.keras", compile=False)
+        n_out = int(model.output_shape[-1])
+        if n_out != len(classes):
+            raise StageError(f"{name} predicts {n_out} classes but the test split has "
+                             f"{len(classes)} ({', '.join(classes)}); retrain it: "
+                             f"`dvc repro train@{name}`")
+        pred = M.predict_proba(model, test.x, ep.batch_size, ep.tta)
+        del model
+        keras.backend.clear_session()
+        m = M.compute_metrics(test.y, pred.probs, classes, test.origin, test.flags)
+        y_pred = pred.probs.argmax(axis=1)
+        cm = M.confusion(test.y, y_pred, len(classes))
+        tm = train_metrics[name]
+        row: dict[str, Any] = {"model": name, "arch": mlflow_info[name].get("arch", tc.models[name].arch)}
+        row.update({k: tm.get(k) for k in TRAIN_KEYS if k != "arch"})
+        row.update({k: v for k, v in m.items() if k != "per_class"})
+        row["images_per_second"] = round(pred.images_per_second, 1)
+        results[name] = row
+        metrics_out[name] = {k: v for k, v in row.items() if k not in ("model", "arch")}
+        metrics_out[name]["per_class"] = m["per_class"]
+        log.info("%s: test acc %.4f (public %s, private %s, clean %s), macro F1 %.4f, top-2 %.4f, "
+                 "%.0f img/s", name, m["test_accuracy"], _f(m["test_accuracy_public"]),
+                 _f(m["test_accuracy_private"]), _f(m["test_accuracy_clean"]), m["test_macro_f1"],
+                 m["test_top2_accuracy"], pred.images_per_second)
+
+        # Files.
+        figs = {
+            "confusion": R.confusion_figure(cm, classes, f"{name}: confusion (counts)", False),
+            "confusion_normalized": R.confusion_figure(cm, classes,
+                                                       f"{name}: confusion (row-normalised)", True),
+            "curves": R.curves_figure(train_reports / name / "history.csv",
+                                      f"{name}: training curves"),
+        }
+        for kind, fig in figs.items():
+            if fig is not None:
+                R.save_figure(fig, out / "images" / f"{name}_{kind}.png")
+        R.write_confusion_csv(out / "confusion" / f"{name}.csv", test.y, y_pred, classes)
+        pc_rows = R.per_class_rows(m)
+        R.write_csv(out / "per_class" / f"{name}.csv", pc_rows,
+                    ["class", "precision", "recall", "f1", "support"])
+        if log_mlflow:
+            flat = M.flat_mlflow_metrics(m)
+            flat["test_images_per_second"] = float(pred.images_per_second)
+            run_id = log_evaluation(
+                mlflow_info[name].get("run_id"), name, flat,
+                {f"evaluation/{k}.png": f for k, f in figs.items()}, pc_rows,
+                {"eval_tta": ep.tta, "test_data_md5": _md5(ep.test_path)})
+            results[name]["_run_id"] = run_id
+        _close(figs.values())
+
+    champion = choose_champion({n: results[n] for n in found})
+    for n in found:
+        results[n]["champion"] = n == champion
+        metrics_out[n]["champion"] = n == champion
+    outcome = None
+    if register and champion:
+        uri = mlflow_info[champion].get("model_uri")
+        if not uri:
+            log.warning("champion %s has no logged MLflow model (mlflow.log_model was false): "
+                        "not registered", champion)
+        else:
+            cinfo = mlflow_info[champion]
+            outcome = register_champion(rp, champion, uri, {
+                "model_name": champion, "arch": str(cinfo.get("arch", "")),
+                "classes": ",".join(classes), "val_accuracy": str(results[champion]["val_accuracy"]),
+                "test_accuracy": f"{results[champion]['test_accuracy']:.4f}",
+                "pretrained": str(results[champion].get("pretrained")).lower(),
+                "input": "float32 (N,48,48,1) raw grayscale 0..255",
+            }).as_dict()
+
+    out.mkdir(parents=True, exist_ok=True)
+    R.write_metrics(out / "metrics.json", metrics_out)
+    first = results[found[0]]
+    note = {k: first[k] for k in ("test_n", "test_n_public", "test_n_private", "test_n_clean")}
+    note.update(tta=ep.tta, batch_size=ep.batch_size,
+                registry=outcome["message"] if outcome else None)
+    rows = R.comparison_rows({n: results[n] for n in found})
+    R.write_comparison(out, rows, champion, note)
+    R.atomic_write(out / "champion.json", json.dumps({
+        "champion": champion, "val_accuracy": results[champion]["val_accuracy"] if champion else None,
+        "registry": outcome}, indent=2) + "\n")
+    log.info("champion: %s; comparison in %s", champion, out / "comparison.md")
+    return EvaluationResult(results, champion, outcome, out, skipped)
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _md5(path: str | Path) -> str:
+    from fer_pipeline.train.tracking import data_hashes
+
+    return next(iter(data_hashes([path]).values()))
+
+
+def _close(figs) -> None:
+    import matplotlib.pyplot as plt
+
+    for fig in figs:
+        if fig is not None:
+            plt.close(fig)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    result = evaluate_models(args.params, names=args.model,
+                             register=False if args.no_register else None)
+    print((result.reports_dir / "comparison.md").read_text())
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="score trained models on the test split, compare, register the champion")
+    p.add_argument("--model", action="append", metavar="NAME",
+                   help="evaluate only this model (repeatable; default: every trained model)")
+    p.add_argument("--no-register", action="store_true",
+                   help="do not touch the model registry (params registry.enabled=false does too)")
+    p.set_defaults(func=_run_cli)
+
+
+__all__ = ["EvaluationResult", "evaluate_models", "add_cli"]
