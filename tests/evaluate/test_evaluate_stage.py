@@ -1,0 +1,125 @@
+"""The evaluate stage against a real MLflow server: reports, run logging, registry lifecycle."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from fer_pipeline.cli import StageError, main
+from fer_pipeline.evaluate.stage import evaluate_models
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()
+
+
+def test_evaluate_reports_mlflow_and_registry_lifecycle(eval_params, trained_project, capsys):
+    root, infos = trained_project
+    params = eval_params(root, ["small", "big"], "fer-emotion-life")
+
+    # 1. First run (through the CLI): reports, MLflow logging, champion registered.
+    assert main(["--params", str(params), "evaluate"]) == 0
+    assert "Champion: `small`" in capsys.readouterr().out
+    out = root / "reports" / "evaluate"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"small", "big"}
+    m = metrics["small"]
+    for key in ("test_accuracy", "test_macro_f1", "test_weighted_f1", "test_top2_accuracy",
+                "test_accuracy_public", "test_accuracy_private", "test_accuracy_clean",
+                "val_accuracy", "images_per_second", "trainable_params", "epochs_run"):
+        assert isinstance(m[key], int | float), key
+    assert m["test_n"] == 70 and m["test_n_clean"] == 63 and m["champion"] is True
+    assert metrics["big"]["champion"] is False
+    assert set(m["per_class"]["happy"]) == {"precision", "recall", "f1", "support"}
+    for name in ("small", "big"):
+        for kind in ("confusion", "confusion_normalized", "curves"):
+            assert (out / "images" / f"{name}_{kind}.png").stat().st_size > 1000
+        with (out / "confusion" / f"{name}.csv").open() as fh:
+            rows = list(csv.DictReader(fh))
+        assert len(rows) == 70 and set(rows[0]) == {"actual", "predicted"}
+        assert (out / "per_class" / f"{name}.csv").read_text().startswith("class,precision")
+    with (out / "comparison.csv").open() as fh:
+        comp = {r["model"]: r for r in csv.DictReader(fh)}
+    assert comp["small"]["pretrained"] == "False" and comp["small"]["champion"] == "True"
+    md = (out / "comparison.md").read_text()
+    assert "| **small** |" in md and "pretrained" in md and "img/s" in md
+
+    client = _client()
+    run = client.get_run(infos["small"]["run_id"])
+    assert "test_accuracy" in run.data.metrics and "test_f1_happy" in run.data.metrics
+    assert "test_accuracy_clean" in run.data.metrics
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/confusion.png", "evaluation/confusion_normalized.png",
+            "evaluation/per_class.json"} <= arts
+
+    name = "fer-emotion-life"
+    champ = client.get_model_version_by_alias(name, "champion")
+    assert champ.version == "1" and champ.run_id == infos["small"]["run_id"]
+    assert champ.tags["classes"].split(",")[3] == "happy"
+
+    # 2. Nothing changed: nothing registered, no alias moved.
+    res = evaluate_models(params)
+    assert res.registry["new_version"] is False and res.registry["alias_moved"] is False
+    assert len(client.search_model_versions(f"name='{name}'")) == 1
+
+    # 3. `big` now validates better: new version v2 @champion, v1 @previous, history tagged.
+    big_metrics = root / "reports" / "train" / "big" / "metrics.json"
+    saved = big_metrics.read_text()
+    big_metrics.write_text(saved.replace('"val_accuracy": 0.3', '"val_accuracy": 0.5'))
+    try:
+        res = evaluate_models(params)
+        assert res.champion == "big" and res.registry["new_version"] is True
+        assert client.get_model_version_by_alias(name, "champion").version == "2"
+        assert client.get_model_version_by_alias(name, "previous").version == "1"
+    finally:
+        big_metrics.write_text(saved)
+    # 4. Back to `small`: its existing v1 is reused (no v3), v2 becomes @previous.
+    res = evaluate_models(params)
+    assert res.champion == "small" and res.registry["new_version"] is False
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    assert client.get_model_version_by_alias(name, "previous").version == "2"
+    assert len(client.search_model_versions(f"name='{name}'")) == 2
+    history = client.get_registered_model(name).tags["champion_history"].split(",")
+    assert [h.split(":")[0:2] for h in history] == [["v1", "small"], ["v2", "big"], ["v1", "small"]]
+
+
+def test_registered_champion_pyfunc_predict(eval_params, trained_project):
+    """The registered model loads by alias as a pyfunc and predicts the serving payload."""
+    import mlflow
+
+    root, _ = trained_project
+    params = eval_params(root, ["small", "big"], "fer-emotion-pyfunc")
+    evaluate_models(params)
+    model = mlflow.pyfunc.load_model("models:/fer-emotion-pyfunc@champion")
+    # Same payload shape as the documented `mlflow models serve` request ({"inputs": ...}).
+    payload = json.loads(json.dumps({"inputs": np.full((2, 48, 48, 1), 128.0).tolist()}))
+    probs = np.asarray(model.predict(np.asarray(payload["inputs"], dtype=np.float32)))
+    assert probs.shape == (2, 7)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_tta_flip_and_no_register(eval_params, trained_project):
+    root, _ = trained_project
+    params = eval_params(root, ["small"], "fer-emotion-unused", tta="flip")
+    res = evaluate_models(params, register=False)
+    assert res.registry is None and res.champion == "small"
+    assert "Test-time augmentation: `flip`" in (root / "reports" / "evaluate" / "comparison.md").read_text()
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException):
+        _client().get_registered_model("fer-emotion-unused")
+
+
+def test_missing_model_names_the_stage(eval_params, trained_project, tmp_path):
+    root, _ = trained_project
+    params = eval_params(root, ["small", "ghost"], "fer-emotion-unused")
+    with pytest.raises(StageError, match=r"dvc repro train@ghost"):
+        evaluate_models(params, names=["ghost"], register=False, log_mlflow=False)
+    # Default (all models): the untrained one is skipped with a warning, the rest evaluated.
+    res = evaluate_models(params, register=False, log_mlflow=False)
+    assert res.skipped == ["ghost"] and list(res.models) == ["small"]
