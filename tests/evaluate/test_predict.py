@@ -1,0 +1,117 @@
+"""`fer predict` on real FER-2013 images: 48x48 crops, a synthetic photo, bad inputs, registry."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from fer_pipeline.cli import StageError, main
+from fer_pipeline.predict import (
+    FACE_SIZE,  # noqa: F401
+    detect_faces,
+    predict_files,
+)
+
+FIXTURES = __import__("pathlib").Path(__file__).resolve().parents[1] / "fixtures"
+
+
+@pytest.fixture
+def photo(tmp_path):
+    """A 640x480 'photo': a FER face upscaled to 200x200 pasted at (220, 120) on a gray canvas."""
+    face = cv2.imread(str(FIXTURES / "happy_48.jpg"), cv2.IMREAD_GRAYSCALE)
+    canvas = np.full((480, 640), 190, np.uint8)
+    canvas[120:320, 220:420] = cv2.resize(face, (200, 200), interpolation=cv2.INTER_CUBIC)
+    path = tmp_path / "photo.png"
+    cv2.imwrite(str(path), cv2.cvtColor(canvas, cv2.COLOR_GRAY2BGR))
+    return path
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    noface = tmp_path / "noface.png"
+    yy, xx = np.mgrid[0:300, 0:400]
+    cv2.imwrite(str(noface), ((xx + yy) % 256).astype(np.uint8))
+    text = tmp_path / "notes.jpg"
+    text.write_text("this is not an image\n")
+    return noface, text, tmp_path / "missing.png"
+
+
+@pytest.fixture
+def local_model(trained_project):
+    root, _ = trained_project
+    return root / "models" / "small" / "model.keras"
+
+
+def test_haar_cascade_finds_the_pasted_face(photo):
+    boxes = detect_faces(cv2.imread(str(photo), cv2.IMREAD_GRAYSCALE))
+    assert len(boxes) == 1
+    x, y, w, h = boxes[0]
+    assert abs(x + w / 2 - 320) < 40 and abs(y + h / 2 - 220) < 40 and 120 < w < 280
+
+
+def test_predict_local_model_photo_crop_and_bad_inputs(local_model, photo, bad_files, tmp_path,
+                                                       capsys):
+    noface, text, missing = bad_files
+    crop = FIXTURES / "happy_48.jpg"
+    paths = [str(p) for p in (photo, crop, noface, text, missing)]
+    code = main(["predict", "--model", str(local_model), "--annotate", str(tmp_path / "ann"), *paths])
+    captured = capsys.readouterr()
+    assert code == 0                      # some files worked
+    assert "Traceback" not in captured.err
+    report = json.loads(captured.out)
+    res = {r["path"]: r for r in report["results"]}
+    assert report["classes"][3] == "happy"
+
+    ph = res[str(photo)]
+    assert ph["ok"] and ph["mode"] == "detect" and len(ph["faces"]) == 1
+    face = ph["faces"][0]
+    assert set(face["box"]) == {"x", "y", "w", "h"}
+    assert sum(face["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert face["emotion"] in report["classes"]
+    assert (tmp_path / "ann" / "photo_annotated.png").is_file()
+
+    cr = res[str(crop)]
+    assert cr["ok"] and cr["mode"] == "crop" and cr["faces"][0]["box"] == {"x": 0, "y": 0, "w": 48, "h": 48}
+
+    assert res[str(noface)]["ok"] and res[str(noface)]["faces"] == []
+    assert "no face" in res[str(noface)]["message"]
+    assert not res[str(text)]["ok"] and "not an image" in res[str(text)]["error"]
+    assert not res[str(missing)]["ok"] and "not found" in res[str(missing)]["error"]
+    for p in (noface, text, missing):
+        assert str(p) in captured.err      # one clear line per problem file
+
+
+def test_predict_exit_code_when_nothing_readable(local_model, bad_files, capsys):
+    _, text, missing = bad_files
+    assert main(["predict", "--model", str(local_model), str(text), str(missing)]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_predict_by_registry_alias(trained_project, eval_params, photo):
+    """Default-style URI: the registered champion, class names from the version's tag."""
+    from fer_pipeline.evaluate.stage import evaluate_models
+
+    root, _ = trained_project
+    params = eval_params(root, ["small", "big"], "fer-emotion-predict")
+    evaluate_models(params)
+    report = predict_files([photo, FIXTURES / "surprise_48.jpg"], params_path=params)
+    assert report["model"] == "models:/fer-emotion-predict@champion"
+    assert [len(r["faces"]) for r in report["results"]] == [1, 1]
+    # Same probabilities as the local file of the champion (same weights, pyfunc vs keras).
+    local = predict_files([photo], model=str(root / "models" / "small" / "model.keras"))
+    assert local["results"][0]["faces"][0]["probabilities"] == pytest.approx(
+        report["results"][0]["faces"][0]["probabilities"], abs=1e-3)
+
+
+def test_missing_registry_or_alias_is_a_clear_error(trained_project, eval_params, photo, capsys):
+    root, _ = trained_project
+    params = eval_params(root, ["small"], "fer-emotion-never-registered")
+    with pytest.raises(StageError, match=r"fer-emotion-never-registered.*dvc repro evaluate"):
+        predict_files([photo], params_path=params)
+    assert main(["--params", str(params), "predict", "--model", "models:/fer-emotion-life@nosuch",
+                 str(photo)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "nosuch" in err and "dvc repro evaluate" in err
