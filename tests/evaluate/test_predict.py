@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
 from fer_pipeline.cli import StageError, main
-from fer_pipeline.predict import (
-    FACE_SIZE,  # noqa: F401
-    detect_faces,
-    predict_files,
-)
+from fer_pipeline.predict import detect_faces, predict_files
 
-FIXTURES = __import__("pathlib").Path(__file__).resolve().parents[1] / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 @pytest.fixture
