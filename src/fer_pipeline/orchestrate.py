@@ -41,7 +41,7 @@ TRANSIENT = re.compile(
     r"is unreachable|connection refused|connection reset|connection aborted|"
     r"temporarily unavailable|temporary failure in name resolution|max retries exceeded|"
     r"read timed out|503 service unavailable|502 bad gateway|504 gateway time-?out|"
-    r"unable to acquire lock",
+    r"unable to acquire lock|database is locked",
     re.IGNORECASE,
 )
 ERROR_LINE = re.compile(r"error|failed|exception|traceback", re.IGNORECASE)
@@ -76,10 +76,15 @@ class StageResult:
                 "workspace": self.workspace}
 
 
-def error_lines(tail: list[str], keep: int = 15) -> list[str]:
-    """The lines a person needs: the stage's own error lines, else the last few lines."""
-    hits = [ln for ln in tail if ERROR_LINE.search(ln)]
-    return (hits or tail)[-keep:]
+def error_lines(tail: list[str], keep: int = 25, window: int = 80) -> list[str]:
+    """The lines a person needs: from the stage's first error line (within the last `window`
+    lines) to the end, e.g. "fer validate: error: data checks failed" and its details."""
+    recent = tail[-window:]
+    start = next((i for i, ln in enumerate(recent) if ERROR_LINE.search(ln)), max(0, len(recent) - 10))
+    block = recent[start:]
+    if len(block) > keep:
+        block = block[: keep - 3] + ["..."] + block[-2:]
+    return block
 
 
 def classify(stage: str, returncode: int, tail: list[str]) -> StageFailed:
@@ -90,9 +95,15 @@ def classify(stage: str, returncode: int, tail: list[str]) -> StageFailed:
 
 # ---- the stage list, read from dvc.yaml (+ params for foreach) -----------------------------
 
+def dvc_exe() -> str:
+    """This interpreter's `dvc` (workers are often started without the venv on PATH)."""
+    local = Path(sys.executable).parent / "dvc"
+    return str(local) if local.is_file() else "dvc"
+
+
 def dvc(*args: str, cwd: str | Path, env: dict[str, str] | None = None,
         check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run(["dvc", *args], cwd=cwd, capture_output=True, text=True, env=env)
+    res = subprocess.run([dvc_exe(), *args], cwd=cwd, capture_output=True, text=True, env=env)
     if check and res.returncode != 0:
         raise RuntimeError(f"dvc {' '.join(args)} failed in {cwd}:\n{res.stdout}\n{res.stderr}")
     return res
@@ -162,6 +173,25 @@ def _params_tracking_uri(root: str | Path) -> str | None:
     return uri
 
 
+_INIT_TRACKING = (
+    "import sys, mlflow\n"
+    "mlflow.set_tracking_uri(sys.argv[1])\n"
+    "mlflow.set_experiment(sys.argv[2])\n"
+)
+
+
+def init_tracking_store(root: str | Path, env: dict[str, str]) -> None:
+    """Create an embedded (sqlite) MLflow store and the experiment once, before parallel
+    stages start: two processes creating the same tables/experiment race and one fails."""
+    uri = env.get("MLFLOW_TRACKING_URI") or ""
+    if not uri.startswith("sqlite:"):
+        return
+    raw = yaml.safe_load((Path(root) / "params.yaml").read_text()) or {}
+    experiment = (raw.get("mlflow") or {}).get("experiment") or "fer-emotion"
+    subprocess.run([sys.executable, "-c", _INIT_TRACKING, uri, experiment], env=env,
+                   capture_output=True, text=True, timeout=600)
+
+
 def run_stage(stage: str, cwd: str | Path, env: dict[str, str] | None = None,
               log: Callable[[str], None] = print, force: bool = False) -> StageResult:
     """`dvc repro --single-item <stage>`, streaming its output line by line to `log`.
@@ -169,10 +199,10 @@ def run_stage(stage: str, cwd: str | Path, env: dict[str, str] | None = None,
     Returns ran/skipped; raises StageFailed (or TransientStageError) with the stage's own error
     lines on a non-zero exit.
     """
-    cmd = ["dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
+    cmd = [dvc_exe(), "repro", "--single-item", stage] + (["--force"] if force else [])
     start = time.monotonic()
     tail: collections.deque[str] = collections.deque(maxlen=300)
-    log(f"$ {' '.join(cmd)}   (in {cwd})")
+    log(f"$ dvc {' '.join(cmd[1:])}   (in {cwd})")
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
     assert proc.stdout is not None

@@ -1,0 +1,56 @@
+"""Register the deployments of prefect.yaml on the server at PREFECT_API_URL.
+
+Idempotent: creates the `gpu` process work pool (+ its `train` queue) and the `gpu` tag
+concurrency limit when missing, then runs `prefect deploy --all`. `make deploy` calls this.
+
+    python flows/deploy.py [--pool gpu] [--gpus 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def prefect(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    res = subprocess.run([PREFECT, "--no-prompt", *args], cwd=ROOT, capture_output=True, text=True,
+                         env=env)
+    if check and res.returncode != 0:
+        raise SystemExit(f"prefect {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pool", default="gpu", help="work pool (default: %(default)s)")
+    ap.add_argument("--gpus", type=int, default=int(os.environ.get("GPUS", "1")),
+                    help="trainings allowed at once in the pool = GPUs in it (default: %(default)s)")
+    args = ap.parse_args(argv)
+    if args.pool != "gpu":
+        raise SystemExit("prefect.yaml names the pool `gpu`; edit it to use another pool")
+
+    if prefect("work-pool", "inspect", args.pool, check=False).returncode != 0:
+        prefect("work-pool", "create", args.pool, "--type", "process")
+        print(f"created work pool {args.pool} (process)")
+    if prefect("work-queue", "inspect", "train", "--pool", args.pool, check=False).returncode != 0:
+        prefect("work-queue", "create", "train", "--pool", args.pool)
+    # Tag-based task concurrency: every training task carries the tag `gpu`.
+    prefect("concurrency-limit", "delete", "gpu", check=False)
+    prefect("concurrency-limit", "create", "gpu", str(args.gpus))
+    print(f"concurrency limit: tag gpu = {args.gpus} training(s) at once")
+
+    env = dict(os.environ, FER_PROJECT_DIR=os.environ.get("FER_PROJECT_DIR") or str(ROOT))
+    out = prefect("deploy", "--all", env=env)
+    print(out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "deployed")
+    print(prefect("deployment", "ls").stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

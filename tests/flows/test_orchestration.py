@@ -1,0 +1,175 @@
+"""The Prefect flow against a real Prefect server (the test harness) and a real worker process.
+
+One temporary git + DVC project (flows/sandbox.py: this project's dvc.yaml and src/, tiny
+synthetic data, two 1-epoch models) runs end to end, then again with nothing changed; a
+second project with a bad class folder runs through `prefect deploy` + `prefect worker start`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+
+from flows.pipeline import fer_pipeline  # noqa: E402
+from flows.sandbox import make_project  # noqa: E402
+from prefect import get_client  # noqa: E402
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
+from prefect.settings import PREFECT_API_URL  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ["FER_WORKSPACE_DIR"] = str(tmp_path_factory.mktemp("workspaces"))
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return make_project(tmp_path_factory.mktemp("e2e"))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _task_runs(flow_run_id):
+    async with get_client() as client:
+        flt = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        return await client.read_task_runs(flow_run_filter=flt)
+
+
+async def _artifact(key):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async with get_client() as client:
+        arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        return arts[0] if arts else None
+
+
+def test_flow_end_to_end_then_nothing_to_do(prefect_server, project):
+    t0 = time.monotonic()
+    state = fer_pipeline(project_dir=str(project), epochs=1, return_state=True)
+    first_s = time.monotonic() - t0
+    assert state.is_completed(), state.message
+    out = state.result()
+    stages = {s["stage"]: s["status"] for s in out["stages"]}
+    models = ["custom_cnn", "custom_cnn_aug"]
+    assert set(stages) >= {"validate", "clean", "split", *(f"train@{m}" for m in models)}
+    assert set(stages.values()) == {"ran"}
+    # One task per stage, all Completed, visible by stage name.
+    runs = run(_task_runs(state.state_details.flow_run_id))
+    names = {tr.name: tr.state.type.value for tr in runs}
+    for stage in stages:
+        assert names.get(stage) == "COMPLETED", names
+    # Results are back in the project and recorded by DVC; MLflow runs carry the run id.
+    assert (project / "models/custom_cnn/model.keras").is_file()
+    lock = (project / "dvc.lock").read_text()
+    assert "train@custom_cnn_aug" in lock and "train@custom_cnn:" in lock
+    status = subprocess.run([BIN / "dvc", "status", "--json"], cwd=project, capture_output=True,
+                            text=True)
+    assert status.stdout.strip() in ("{}", ""), status.stdout
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{project.parent / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("fer-emotion")
+    tagged = client.search_runs([exp.experiment_id],
+                                f"tags.pipeline_run_id = '{out['run_id']}'")
+    assert len(tagged) == len(models)
+    assert out["experiment"] and out["experiment"].startswith("prefect-")
+    art = run(_artifact("fer-pipeline-report"))
+    assert art is not None and "Champion" in art.data and out["run_id"] in art.data
+
+    t0 = time.monotonic()
+    again = fer_pipeline(project_dir=str(project), epochs=1, return_state=True)
+    second_s = time.monotonic() - t0
+    assert again.is_completed(), again.message
+    assert {s["status"] for s in again.result()["stages"]} == {"skipped"}
+    assert second_s < max(30.0, first_s / 2), (first_s, second_s)
+    print(f"\nfirst run {first_s:.1f}s, nothing-changed run {second_s:.1f}s")
+
+
+def test_failing_stage_fails_the_run_with_its_message(prefect_server, tmp_path):
+    repo = make_project(tmp_path, n_models=1)
+    shutil.copytree(repo / "data/raw/fer2013/train/sad", repo / "data/raw/fer2013/train/Sad")
+    state = fer_pipeline(project_dir=str(repo), save_experiment=False, return_state=True)
+    assert state.is_failed()
+    assert "stage 'validate' failed" in state.message
+    assert "data checks failed" in state.message and "train/Sad/" in state.message
+    runs = {tr.name: tr.state.type.value for tr in run(_task_runs(state.state_details.flow_run_id))}
+    assert runs["validate"] == "FAILED" and "clean" not in runs
+
+
+def test_deployments_and_a_real_worker(prefect_server, tmp_path):
+    env = dict(os.environ, PREFECT_API_URL=prefect_server, FER_PROJECT_DIR=str(ROOT),
+               PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    res = subprocess.run([sys.executable, "flows/deploy.py"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+    async def deployments():
+        async with get_client() as client:
+            return {n: await client.read_deployment_by_name(n)
+                    for n in ("fer-pipeline/nightly", "fer-pipeline/on-demand", "fer-train/gpu")}
+
+    deps = run(deployments())
+    nightly = deps["fer-pipeline/nightly"]
+    assert nightly.work_pool_name == "gpu"
+    assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+    assert deps["fer-pipeline/on-demand"].schedules == []
+    assert deps["fer-pipeline/on-demand"].work_pool_name == "gpu"
+    assert deps["fer-train/gpu"].work_queue_name == "train"
+
+    # A short, failing run of the on-demand deployment, picked up by a real worker process.
+    repo = make_project(tmp_path, n_models=1)
+    shutil.copytree(repo / "data/raw/fer2013/train/sad", repo / "data/raw/fer2013/train/Sad")
+
+    async def trigger():
+        async with get_client() as client:
+            return await client.create_flow_run_from_deployment(
+                deps["fer-pipeline/on-demand"].id,
+                parameters={"project_dir": str(repo), "save_experiment": False})
+
+    flow_run = run(trigger())
+    worker = subprocess.Popen([BIN / "prefect", "worker", "start", "--pool", "gpu", "--type", "process",
+                               "--name", "test-worker"], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+
+    async def wait_final():
+        async with get_client() as client:
+            for _ in range(240):
+                fr = await client.read_flow_run(flow_run.id)
+                if fr.state and fr.state.is_final():
+                    return fr
+                await asyncio.sleep(1)
+            return fr
+
+    try:
+        fr = run(wait_final())
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            log = worker.communicate(timeout=20)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            log = worker.communicate()[0]
+    assert fr.state.is_failed(), f"{fr.state}\n{log[-3000:]}"
+    assert "data checks failed" in fr.state.message and "train/Sad/" in fr.state.message
+    assert "test-worker" in log or fr.work_pool_name == "gpu"
