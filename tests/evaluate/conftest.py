@@ -33,12 +33,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def eval_mlflow_server(tmp_path_factory):
-    """`mlflow server` on 127.0.0.1:<free port>, SQLite store + artifacts in a temp dir.
-
-    Sets MLFLOW_TRACKING_URI for the session (env wins over params mlflow.tracking_uri).
-    """
+def _start_server(tmp_path_factory):
     d = tmp_path_factory.mktemp("mlflow")
     port = _free_port()
     mlflow_bin = Path(sys.executable).parent / "mlflow"
@@ -49,19 +44,31 @@ def eval_mlflow_server(tmp_path_factory):
          "--port", str(port), "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, cwd=d, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
+    deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"mlflow server exited: {(d / 'server.log').read_text()[-2000:]}")
         try:
             with urllib.request.urlopen(uri + "/health", timeout=2) as r:
                 if r.status == 200:
-                    break
+                    return uri, proc
         except OSError:
             time.sleep(0.5)
-    else:
-        proc.terminate()
-        raise RuntimeError("mlflow server did not start in 90 s")
+    proc.kill()
+    raise RuntimeError("mlflow server did not start in 120 s")
+
+
+@pytest.fixture(scope="session")
+def eval_mlflow_server(request, tmp_path_factory):
+    """A real `mlflow server` (SQLite store + artifacts in a temp dir, 127.0.0.1, free port).
+
+    Reuses the shared session fixture `mlflow_server` (tests/conftest.py) when it exists, else
+    starts its own. Points MLFLOW_TRACKING_URI at it for the session (env wins over params).
+    """
+    try:
+        uri, proc = request.getfixturevalue("mlflow_server"), None
+    except pytest.FixtureLookupError:
+        uri, proc = _start_server(tmp_path_factory)
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     import mlflow
@@ -72,11 +79,12 @@ def eval_mlflow_server(tmp_path_factory):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = old
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    if proc is not None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def tiny_model(filters: int, seed: int):

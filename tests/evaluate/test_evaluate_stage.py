@@ -123,3 +123,55 @@ def test_missing_model_names_the_stage(eval_params, trained_project, tmp_path):
     # Default (all models): the untrained one is skipped with a warning, the rest evaluated.
     res = evaluate_models(params, register=False, log_mlflow=False)
     assert res.skipped == ["ghost"] and list(res.models) == ["small"]
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_the_champion(eval_params, trained_project, tmp_path):
+    """`mlflow models serve` of models:/<name>@champion answers the documented request."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    import cv2
+
+    root, _ = trained_project
+    params = eval_params(root, ["small", "big"], "fer-emotion-serve")
+    evaluate_models(params)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen(
+        [str(bindir / "mlflow"), "models", "serve", "-m", "models:/fer-emotion-serve@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        stdout=(tmp_path / "serve.log").open("w"), stderr=subprocess.STDOUT, env=env,
+        start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1)
+                break
+            except OSError:
+                assert time.time() < deadline, "mlflow models serve did not start"
+                time.sleep(0.5)
+        face = cv2.imread(str(Path(__file__).parents[1] / "fixtures" / "happy_48.jpg"),
+                          cv2.IMREAD_GRAYSCALE)
+        body = json.dumps({"inputs": face.reshape(1, 48, 48, 1).tolist()}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        preds = json.loads(urllib.request.urlopen(req, timeout=60).read())["predictions"]
+        assert np.asarray(preds).shape == (1, 7)
+        assert sum(preds[0]) == pytest.approx(1.0, abs=1e-4)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

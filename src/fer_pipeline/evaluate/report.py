@@ -4,7 +4,8 @@ Layout (one folder per kind, one file per model, so dvc.yaml can declare each fo
 whatever the models are):
   metrics.json                      DVC metrics, nested per model
   comparison.md / comparison.csv    one row per model; names the champion
-  confusion/<name>.csv              one row per test image (actual, predicted): DVC confusion plots
+  confusion/<name>.csv              one row per test image (actual, predicted): DVC `confusion` plot
+  confusion_normalized/<name>.csv   the same rows for DVC's `confusion_normalized` template
   per_class/<name>.csv              precision/recall/F1/support per class
   images/<name>_confusion.png, <name>_confusion_normalized.png, <name>_curves.png
 """

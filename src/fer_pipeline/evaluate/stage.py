@@ -139,7 +139,8 @@ def evaluate_models(params_path: str | Path = "params.yaml", names: list[str] | 
         for kind, fig in figs.items():
             if fig is not None:
                 R.save_figure(fig, out / "images" / f"{name}_{kind}.png")
-        R.write_confusion_csv(out / "confusion" / f"{name}.csv", test.y, y_pred, classes)
+        for kind in ("confusion", "confusion_normalized"):  # same rows, two DVC templates
+            R.write_confusion_csv(out / kind / f"{name}.csv", test.y, y_pred, classes)
         pc_rows = R.per_class_rows(m)
         R.write_csv(out / "per_class" / f"{name}.csv", pc_rows,
                     ["class", "precision", "recall", "f1", "support"])
