@@ -11,9 +11,11 @@ flow run's threads (dispatch="local") or as `fer-train` flow runs that any worke
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +31,7 @@ from fer_pipeline import orchestrate as orch
 TRAIN_DEPLOYMENT = os.environ.get("FER_TRAIN_DEPLOYMENT", "fer-train/gpu")
 GPU_STAGES = {"train"}           # foreach stages whose items hold a GPU: tagged `gpu`
 GPU_TAG = "gpu"
+RUN_INFO = ".fer-run.json"       # written by fer-train into its workspace
 RETRIES = int(os.environ.get("FER_STAGE_RETRIES", "2"))
 RETRY_DELAY_S = float(os.environ.get("FER_STAGE_RETRY_DELAY_S", "30"))
 
@@ -79,7 +82,13 @@ def run_in_workspace(stage: str, workspace: str, project_dir: str, run_id: str) 
 def fer_train(stage: str, workspace: str, project_dir: str, run_id: str) -> dict[str, Any]:
     """One foreach item (e.g. train@vgg16) in a prepared workspace: the unit a `gpu` worker runs."""
     os.environ[orch.RUN_ID_ENV] = run_id
-    return _tagged(stage)(stage, workspace, project_dir, run_id)
+    started = time.time()
+    result = _tagged(stage)(stage, workspace, project_dir, run_id)
+    # Who ran it, for the parent's report (the return value itself is not persisted).
+    Path(workspace, RUN_INFO).write_text(json.dumps({
+        "host": socket.gethostname(), "pid": os.getpid(), "worker_pid": os.getppid(),
+        "flow_run": flow_run.name, "started": started, "ended": time.time()}))
+    return result
 
 
 def _tagged(stage: str):
@@ -112,6 +121,9 @@ def parallel_stage(stage: str, project_dir: str, run_id: str, dispatch: str) -> 
         # The child's return value is not persisted (no result storage needed): report its run.
         result = {"stage": stage, "status": "ran", "workspace": ws, "flow_run": child.name,
                   "seconds": round(child.total_run_time.total_seconds(), 1)}
+        info = Path(ws, RUN_INFO)
+        if info.is_file():
+            result.update(json.loads(info.read_text()))
     else:
         result = _tagged(stage)(stage, ws, project_dir, run_id)
     with _PROJECT_LOCK:
