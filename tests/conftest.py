@@ -41,3 +41,54 @@ def params_file(tmp_path: Path, raw_tree: Path) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(tiny_params(raw_tree)))
     return path
+
+
+# ---- training: a real MLflow tracking server (tests/train) ----
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1:<free port>, SQLite store + artifacts in a temp dir.
+
+    Yields the URI; tests point MLFLOW_TRACKING_URI at it themselves (monkeypatch.setenv).
+    """
+    import subprocess
+    import time
+    import urllib.request
+
+    d = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    log = (d / "server.log").open("w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server",
+         "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+         "--artifacts-destination", str(d / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=d, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(d / 'server.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            raise RuntimeError("mlflow server did not answer /health in 120 s")
+        time.sleep(0.5)
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()

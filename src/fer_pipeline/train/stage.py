@@ -407,6 +407,24 @@ def _final_metrics(best, built, mp, train, val, ftr, fva) -> dict[str, Any]:
             "val_loss": float(va["loss"]), "val_accuracy": float(va["accuracy"])}
 
 
+def _pip_requirements() -> list[str]:
+    """Pinned explicitly: MLflow's own inference loads the model again in a subprocess (slow)."""
+    from importlib import metadata
+
+    import keras
+
+    reqs = [f"keras=={keras.__version__}"]
+    backend = keras.backend.backend()
+    for dist in {"tensorflow": ["tensorflow-cpu", "tensorflow"], "jax": ["jax"],
+                 "torch": ["torch"]}.get(backend, []):
+        try:
+            reqs.append(f"{dist}=={metadata.version(dist)}")
+            break
+        except metadata.PackageNotFoundError:
+            continue
+    return reqs
+
+
 def _log_model(model, x_example: np.ndarray) -> str:
     import mlflow
     import mlflow.keras
@@ -428,7 +446,7 @@ def _log_model(model, x_example: np.ndarray) -> str:
     try:
         info = mlflow.keras.log_model(model, name="model",
                                       signature=infer_signature(example, preds),
-                                      input_example=example)
+                                      input_example=example, pip_requirements=_pip_requirements())
     finally:
         keras_save._save_example = orig
     return info.model_uri

@@ -1,0 +1,251 @@
+"""Training stage: tiny synthetic arrays, shrunk models, 1-3 epochs, weights null."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from fer_pipeline.data.arrays import SplitArrays, save_split
+from fer_pipeline.params import ParamsError, build
+from fer_pipeline.train.config import MlflowParams, ModelParams, TrainParams, load_train_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CLASSES = ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
+TINY_CNN = {"arch": "custom_cnn", "epochs": 2, "batch_size": 16, "width": 0.125,
+            "dense_units": [32]}
+
+
+def _split(n: int, seed: int) -> SplitArrays:
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % len(CLASSES)
+    x = rng.integers(0, 256, (n, 48, 48, 1), dtype=np.uint8)
+    x[:, :12, :12, 0] = (y * 36)[:, None, None]  # a learnable cue
+    return SplitArrays(x, y.astype(np.int64), np.array([f"s/{i}.jpg" for i in range(n)]),
+                       np.array(["Training"] * n), CLASSES)
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("processed")
+    for split, n, seed in [("train", 112, 0), ("val", 42, 1), ("test", 42, 2)]:
+        save_split(d / f"{split}.npz", _split(n, seed))
+    return d
+
+
+def _train_params(tmp: Path) -> TrainParams:
+    return TrainParams(models_dir=str(tmp / "models"), reports_dir=str(tmp / "reports"),
+                       state_dir=str(tmp / "state"))
+
+
+def _params_file(tmp: Path, models: dict, mlflow: dict | None = None) -> Path:
+    p = tmp / "params.yaml"
+    p.write_text(yaml.safe_dump({
+        "train": {"models_dir": str(tmp / "models"), "reports_dir": str(tmp / "reports"),
+                  "state_dir": str(tmp / "state")},
+        "models": models,
+        "mlflow": mlflow or {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
+    }))
+    return p
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(extra)
+    return env
+
+
+def test_default_params_parse_and_custom_cnn_has_17m_params():
+    import keras
+
+    from fer_pipeline.train.models import build_model, trainable_params
+
+    cfg = load_train_config(ROOT / "params.yaml")
+    assert set(cfg.models) == {"custom_cnn", "custom_cnn_aug", "vgg16", "resnet50"}
+    assert cfg.models["custom_cnn_aug"].augmentation.enabled
+    assert cfg.models["resnet50"].class_weights
+    keras.mixed_precision.set_global_policy("float32")
+    n = trainable_params(build_model(cfg.models["custom_cnn"], 7).model)
+    assert abs(n - 17_044_871) < 50_000, n
+
+
+def test_unknown_model_key_is_rejected():
+    with pytest.raises(ParamsError, match="unknown key"):
+        build(ModelParams, {"arch": "custom_cnn", "epochz": 3}, "models.x")
+
+
+def test_auto_precision_policy():
+    from fer_pipeline.train.precision import auto_policy
+
+    assert auto_policy(flags={"amx_bf16"}, gpu=False) == "mixed_bfloat16"
+    assert auto_policy(flags={"avx2"}, gpu=False) == "float32"
+    assert auto_policy(flags=set(), gpu=True) == "mixed_float16"
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet50"])
+def test_imagenet_weights_unavailable_gives_clear_error(name, tmp_path, monkeypatch):
+    from fer_pipeline.cli import StageError
+    from fer_pipeline.train.models import build_model
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    mp = load_train_config(ROOT / "params.yaml").models[name]
+    assert mp.weights == "imagenet"
+    with pytest.raises(StageError) as err:
+        build_model(mp, 7, name=name)
+    msg = str(err.value)
+    assert "cannot download" in msg and str(tmp_path / "keras" / "models") in msg
+    assert "local path" in msg and "null" in msg
+
+
+def test_train_logs_run_and_model_to_real_mlflow_server(processed, tmp_path, mlflow_server,
+                                                        monkeypatch):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from fer_pipeline.train.stage import train_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("FER_PIPELINE_RUN_ID", "pipe-test-1")
+    mp = build(ModelParams, {**TINY_CNN, "augmentation": {
+        "rotation": 40, "width_shift": 0.2, "height_shift": 0.2, "shear": 0.2, "zoom": 0.2,
+        "horizontal_flip": True}}, "models.cnn")
+    res = train_model("cnn", mp, _train_params(tmp_path), MlflowParams(experiment="fer-test"),
+                      processed_dir=processed)
+
+    metrics = json.loads(res.metrics_path.read_text())
+    assert metrics["epochs_run"] == 2 and metrics["pretrained"] is False
+    assert 0.0 <= metrics["val_accuracy"] <= 1.0 and "train_accuracy" in metrics
+    hist = res.history_path.read_text().splitlines()
+    assert hist[0].startswith("epoch,") and len(hist) == 3
+    assert res.model_path.is_file()
+    assert not (tmp_path / "state" / "cnn").exists()  # resume state cleared on success
+    side = json.loads((tmp_path / "reports" / "cnn" / "mlflow.json").read_text())
+    assert side["run_id"] == res.run_id and side["model_uri"] == res.model_uri
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(res.run_id)
+    exp = client.get_experiment_by_name("fer-test")
+    assert run.info.experiment_id == exp.experiment_id
+    assert run.data.params["model.arch"] == "custom_cnn"
+    assert run.data.params["model.augmentation.rotation"] == "40.0"
+    assert run.data.tags["pipeline_run_id"] == "pipe-test-1"
+    assert run.data.tags["pretrained"] == "false"
+    assert "git_commit" in run.data.tags and "data_md5.train" in run.data.tags
+    steps = [m.step for m in client.get_metric_history(res.run_id, "val_accuracy")]
+    assert sorted(steps) == [0, 1]
+    assert "final_val_accuracy" in run.data.metrics
+    arts = {a.path for a in client.list_artifacts(res.run_id, "plots")}
+    assert "plots/history.png" in arts
+
+    model = mlflow.pyfunc.load_model(res.model_uri)
+    assert model.metadata.signature is not None
+    x = np.random.default_rng(0).integers(0, 256, (3, 48, 48, 1)).astype(np.float32)
+    pred = np.asarray(model.predict(x))
+    assert pred.shape == (3, 7)
+    np.testing.assert_allclose(pred.sum(axis=1), 1.0, atol=1e-2)
+
+
+def test_transfer_model_feature_cache_records_not_pretrained(processed, tmp_path,
+                                                             mlflow_server, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from fer_pipeline.train.stage import train_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mp = build(ModelParams, {"arch": "vgg16", "epochs": 2, "batch_size": 16, "input_size": 32,
+                             "weights": None, "dense_units": [16]}, "models.vgg")
+    assert mp.uses_feature_cache
+    res = train_model("vgg", mp, _train_params(tmp_path),
+                      MlflowParams(experiment="fer-test", log_model=False),
+                      processed_dir=processed)
+    assert json.loads(res.metrics_path.read_text())["pretrained"] is False
+    run = MlflowClient(mlflow_server).get_run(res.run_id)
+    assert run.data.tags["pretrained"] == "false"
+    assert run.data.params["feature_cache"] == "True"
+    import keras
+
+    model = keras.saving.load_model(res.model_path)
+    assert model.predict(np.zeros((2, 48, 48, 1), np.float32), verbose=0).shape == (2, 7)
+
+
+def test_resnet_with_augmentation_and_class_weights(processed, tmp_path, monkeypatch):
+    from fer_pipeline.train.stage import train_model
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mp = build(ModelParams, {"arch": "resnet50", "epochs": 1, "batch_size": 16,
+                             "input_size": 32, "weights": None, "dense_units": [16],
+                             "class_weights": True, "augmentation": {"rotation": 10,
+                                                                     "horizontal_flip": True}},
+               "models.res")
+    assert not mp.uses_feature_cache
+    res = train_model("res", mp, _train_params(tmp_path),
+                      MlflowParams(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                                   log_model=False), processed_dir=processed)
+    assert json.loads(res.metrics_path.read_text())["epochs_run"] == 1
+
+
+def test_unreachable_tracking_server_fails_fast_before_training(processed, tmp_path,
+                                                                monkeypatch):
+    import socket
+
+    from fer_pipeline.train.stage import train_model
+    from fer_pipeline.train.tracking import TrackingUnavailable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    t0 = time.monotonic()
+    with pytest.raises(TrackingUnavailable) as err:
+        train_model("cnn", build(ModelParams, TINY_CNN, "m"), _train_params(tmp_path),
+                    MlflowParams(), processed_dir=processed)
+    assert time.monotonic() - t0 < 10
+    assert uri in str(err.value) and "mlflow server" in str(err.value)
+    assert not (tmp_path / "state").exists() and not (tmp_path / "models").exists()
+
+
+def test_cli_resumes_after_kill_from_last_finished_epoch(processed, tmp_path):
+    params = _params_file(tmp_path, {"cnn": {**TINY_CNN, "epochs": 3}})
+    cmd = [str(Path(sys.executable).parent / "fer"), "--params", str(params), "train",
+           "--model", "cnn", "--processed-dir", str(processed)]
+    first = subprocess.run(cmd, env=_env(FER_TRAIN_CRASH_AFTER_EPOCH="1"), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 75, first.stderr[-3000:]
+    state = tmp_path / "state" / "cnn"
+    assert (state / "backup").is_dir() and (state / "best.keras").is_file()
+    assert len((state / "history.csv").read_text().splitlines()) == 2  # header + epoch 1
+    assert not (tmp_path / "models" / "cnn" / "model.keras").exists()
+    run_id = json.loads((state / "mlflow_run.json").read_text())["run_id"]
+
+    second = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from epoch 2" in second.stderr
+    assert "epoch 1/3" not in second.stderr and "epoch 3/3" in second.stderr
+    hist = (tmp_path / "reports" / "cnn" / "history.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in hist[1:]] == ["0", "1", "2"]
+    metrics = json.loads((tmp_path / "reports" / "cnn" / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 3
+    side = json.loads((tmp_path / "reports" / "cnn" / "mlflow.json").read_text())
+    assert side["run_id"] == run_id  # the interrupted MLflow run was continued
+    assert not state.exists()
+
+
+def test_jax_backend_smoke(processed, tmp_path):
+    pytest.importorskip("jax")
+    params = _params_file(tmp_path, {"cnn": {**TINY_CNN, "epochs": 1, "augmentation": {
+        "rotation": 10, "horizontal_flip": True}}},
+        {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "log_model": False})
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "fer"), "--params", str(params), "train", "--model",
+         "cnn", "--processed-dir", str(processed)],
+        env=_env(KERAS_BACKEND="jax"), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
