@@ -31,3 +31,44 @@ test: setup  ## the test suite (real DVC, GX, MLflow and Prefect servers; tiny s
 
 lint: setup  ## ruff
 	$(BIN)/ruff check src flows tests benchmarks
+
+# ---- orchestration: Prefect flow + servers (docs/orchestration.md) ----
+# Servers bind to HOST; point at a team's servers with PREFECT_API_URL / MLFLOW_TRACKING_URI.
+HOST            ?= 127.0.0.1
+MLFLOW_PORT     ?= 5000
+PREFECT_PORT    ?= 4200
+GPUS            ?= 1
+PREFECT_HOME    ?= $(abspath .prefect)
+PREFECT_API_URL ?= http://$(HOST):$(PREFECT_PORT)/api
+PREFECT_ENV = PREFECT_HOME="$(PREFECT_HOME)" PREFECT_API_URL="$(PREFECT_API_URL)" \
+	PREFECT_SERVER_ANALYTICS_ENABLED=false PATH="$(abspath $(BIN)):$$PATH"
+
+.PHONY: mlflow-server prefect-server worker deploy trigger flow demo-workers test-flows
+
+mlflow-server: setup  ## MLflow server on HOST:5000 (SQLite mlflow.db, artifacts in mlartifacts/)
+	$(BIN)/mlflow server --backend-store-uri sqlite:///mlflow.db --artifacts-destination ./mlartifacts \
+		--host $(HOST) --port $(MLFLOW_PORT)
+
+prefect-server: setup  ## Prefect server + UI on HOST:4200 (state in .prefect/)
+	$(PREFECT_ENV) $(BIN)/prefect server start --host $(HOST) --port $(PREFECT_PORT)
+
+worker: setup  ## a worker for this machine: prefect worker start --pool gpu (QUEUE=train LIMIT=1: trainings only)
+	$(PREFECT_ENV) $(BIN)/prefect worker start --pool gpu --type process \
+		$(if $(QUEUE),--work-queue $(QUEUE)) $(if $(LIMIT),--limit $(LIMIT))
+
+deploy: setup  ## register prefect.yaml's deployments (nightly 02:00 UTC + on-demand, pool gpu; GPUS=N)
+	$(PREFECT_ENV) FER_PROJECT_DIR="$(abspath .)" $(BIN)/python flows/deploy.py --gpus $(GPUS)
+
+trigger: setup  ## run fer-pipeline/on-demand now (ARGS='-p epochs=1 -p dispatch=workers')
+	$(PREFECT_ENV) $(BIN)/prefect deployment run fer-pipeline/on-demand $(ARGS)
+
+flow: setup  ## run the flow here without a worker (ARGS='--epochs 1 -S data.max_per_class=200')
+	PREFECT_HOME="$(PREFECT_HOME)" PREFECT_SERVER_ANALYTICS_ENABLED=false PATH="$(abspath $(BIN)):$$PATH" \
+		$(if $(filter command line environment,$(origin PREFECT_API_URL)),PREFECT_API_URL="$(PREFECT_API_URL)") \
+		$(BIN)/python flows/pipeline.py $(ARGS)
+
+demo-workers: setup  ## two local workers share one run's trainings (own temp server, tiny data, ~2 min)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python flows/demo_workers.py
+
+test-flows: setup  ## the orchestration tests only (real Prefect server + worker, ~3 min)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q tests/flows

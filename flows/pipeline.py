@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -220,5 +221,38 @@ def _report(identity: dict[str, Any], results: list[dict[str, Any]], root: str) 
     return "\n".join(lines)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`python flows/pipeline.py [--epochs N] [--models a b] [-S key=value]...` (make flow)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="run the fer-pipeline flow in this process")
+    ap.add_argument("--project-dir")
+    ap.add_argument("--models", nargs="+")
+    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--max-per-class", type=int)
+    ap.add_argument("--profile")
+    ap.add_argument("-S", "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="param override, value in YAML (repeatable)")
+    ap.add_argument("--dispatch", choices=["local", "workers"], default="local")
+    ap.add_argument("--no-experiment", action="store_true", help="skip `dvc exp save`")
+    args = ap.parse_args(argv)
+    import yaml
+
+    overrides = {}
+    for item in args.sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"-S wants KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    state = fer_pipeline(project_dir=args.project_dir, overrides=overrides or None,
+                         models=args.models, epochs=args.epochs, max_per_class=args.max_per_class,
+                         profile=args.profile, dispatch=args.dispatch,
+                         save_experiment=not args.no_experiment, return_state=True)
+    if not state.is_completed():
+        print(state.message, file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    fer_pipeline()
+    sys.exit(main())
