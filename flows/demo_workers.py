@@ -5,7 +5,7 @@ with a `gpu` limit of 2, starts two workers on the pool's `train` queue (`--limi
 training per worker, as on a one-GPU machine), then runs fer-pipeline with dispatch="workers" on
 a synthetic copy of the project and prints which worker ran each training and when.
 
-    python flows/demo_workers.py [--models 2] [--epochs 2] [--keep]
+    python flows/demo_workers.py [--models 2] [--epochs N] [--keep]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def wait_http(url: str, timeout: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", type=int, default=2, help="models to train (default: %(default)s)")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, help="override models.<each>.epochs (sandbox: 1)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (server db, project)")
     args = ap.parse_args(argv)
 

@@ -142,6 +142,7 @@ def fer_pipeline(
     profile: str | None = None,
     dispatch: Literal["local", "workers"] = "local",
     save_experiment: bool = True,
+    restore_params: bool = True,
 ) -> dict[str, Any]:
     """Run dvc.yaml's stages.
 
@@ -155,6 +156,8 @@ def fer_pipeline(
         dispatch: "local" runs foreach items in this run's threads; "workers" sends each to the
             `fer-train/gpu` deployment so different workers run them.
         save_experiment: record the finished workspace as DVC experiment `prefect-<run name>`.
+        restore_params: put params.yaml back as it was after the run (the experiment keeps the
+            overrides), so a one-off `epochs=1` does not leak into the next nightly run.
     """
     logger = get_run_logger()
     root = str(Path(project_dir or os.environ.get("FER_PROJECT_DIR") or ".").resolve())
@@ -170,10 +173,22 @@ def fer_pipeline(
         raise ValueError(f"unknown model(s) {unknown}; params.yaml models: {all_models}")
     params = orch.build_overrides(overrides, models=models, epochs=epochs,
                                   max_per_class=max_per_class, profile=profile, root=root)
+    params_file = Path(root, "params.yaml")
+    original = params_file.read_text()
     changed = orch.apply_overrides(root, params)
     for key, (old, new) in changed.items():
         logger.info("param %s: %r -> %r", key, old, new)
+    try:
+        return _run(root, run_id, git, changed, models, dispatch, save_experiment)
+    finally:
+        if changed and restore_params:
+            params_file.write_text(original)
+            logger.info("params.yaml restored; the overrides live in the run's DVC experiment")
 
+
+def _run(root: str, run_id: str, git: dict[str, str], changed: dict[str, Any],
+         models: list[str] | None, dispatch: str, save_experiment: bool) -> dict[str, Any]:
+    logger = get_run_logger()
     results: list[dict[str, Any]] = []
     for group in orch.stage_groups(root):
         if len(group) == 1 and "@" not in group[0]:
