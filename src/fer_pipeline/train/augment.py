@@ -27,4 +27,11 @@ def augmentation_layers(aug: AugmentParams, seed: int | None = None) -> list[ker
                                               name="aug_zoom", **kw))
     if aug.horizontal_flip:
         layers.append(keras.layers.RandomFlip("horizontal", name="aug_flip", **kw))
+    if aug.contrast:
+        layers.append(keras.layers.RandomContrast(aug.contrast, value_range=(0, 255),
+                                                  name="aug_contrast", **kw))
+    if aug.random_erasing:
+        # Erases one rectangle (2-33% of the image) with noise, with this probability per image.
+        layers.append(keras.layers.RandomErasing(factor=aug.random_erasing, value_range=(0, 255),
+                                                 name="aug_erasing", **kw))
     return layers

@@ -12,7 +12,7 @@ from typing import Any
 
 from fer_pipeline.params import ParamsError, build, load_params
 
-ARCHS = {"custom_cnn", "vgg16", "resnet50"}
+ARCHS = {"custom_cnn", "vgg16", "resnet50", "fernet"}
 TRANSFER_ARCHS = {"vgg16", "resnet50"}
 PRECISIONS = {"auto", "float32", "mixed_bfloat16", "mixed_float16"}
 
@@ -31,6 +31,8 @@ class AugmentParams:
     zoom: float = 0.0              # max zoom in/out, fraction
     horizontal_flip: bool = False
     fill_mode: str = "nearest"     # constant | nearest | reflect | wrap
+    contrast: float = 0.0          # max random contrast change, fraction
+    random_erasing: float = 0.0    # probability of erasing one random rectangle (2-33% of area)
 
     def __post_init__(self) -> None:
         _choice("augmentation.fill_mode", self.fill_mode,
@@ -39,7 +41,7 @@ class AugmentParams:
     @property
     def enabled(self) -> bool:
         return bool(self.rotation or self.width_shift or self.height_shift or self.shear
-                    or self.zoom or self.horizontal_flip)
+                    or self.zoom or self.horizontal_flip or self.contrast or self.random_erasing)
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,13 @@ class ModelParams:
     arch: str = "custom_cnn"
     epochs: int = 10
     batch_size: int = 64
-    optimizer: str = "adam"                 # adam | sgd | rmsprop
+    optimizer: str = "adam"                 # adam | adamw | sgd (momentum 0.9, nesterov) | rmsprop
     learning_rate: float = 1e-3
+    weight_decay: float = 0.0               # decoupled weight decay (adamw, sgd)
+    lr_schedule: str = "plateau"            # plateau (ReduceLROnPlateau, the study) | cosine
+    warmup_epochs: int = 0                  # cosine: linear warm-up epochs
+    label_smoothing: float = 0.0            # cross-entropy label smoothing
+    blocks_per_stage: int = 2               # fernet: conv blocks per resolution stage
     width: float = 1.0                      # multiplier on conv filters and dense units (tests)
     conv_filters: list[int] = field(default_factory=lambda: [32, 64, 128, 512])
     dense_units: list[int] = field(default_factory=lambda: [887])
@@ -74,7 +81,10 @@ class ModelParams:
 
     def __post_init__(self) -> None:
         _choice("arch", self.arch, ARCHS)
-        _choice("optimizer", self.optimizer, {"adam", "sgd", "rmsprop"})
+        _choice("optimizer", self.optimizer, {"adam", "adamw", "sgd", "rmsprop"})
+        _choice("lr_schedule", self.lr_schedule, {"plateau", "cosine"})
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ParamsError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _choice("preprocessing", self.preprocessing, {"rescale", "base"})
         _choice("monitor", self.monitor, {"val_accuracy", "val_loss"})
         if self.epochs < 1 or self.batch_size < 1:

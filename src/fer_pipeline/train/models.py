@@ -165,10 +165,40 @@ def build_transfer(mp: ModelParams, num_classes: int, image_size: int = 48,
                       pretrained=weights is not None, weights_source=source)
 
 
+def build_fernet(mp: ModelParams, num_classes: int, image_size: int = 48,
+                 seed: int | None = None) -> BuiltModel:
+    """The fifth model: a VGG-style network sized for 48x48 faces and a CPU budget.
+
+    Stages of `blocks_per_stage` conv-BN-ReLU blocks at widths `conv_filters`, each followed by
+    2x2 max-pooling (48 -> 24 -> 12 -> 6 -> 3), then global average pooling, dropout and the
+    classifier. No large dense layer: ~1.2M parameters and ~0.24 GFLOPs per image instead of
+    the custom CNN's 17M and ~0.37 GFLOPs, so more epochs fit in the same time."""
+    inp = keras.Input((image_size, image_size, 1), name="image", dtype="float32")
+    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(inp)
+    for s, f in enumerate(mp.conv_filters):
+        for b in range(mp.blocks_per_stage):
+            x = keras.layers.Conv2D(_units(f, mp.width), 3, padding="same", use_bias=False,
+                                    name=f"s{s + 1}_conv{b + 1}")(x)
+            x = keras.layers.BatchNormalization(name=f"s{s + 1}_bn{b + 1}")(x)
+            x = keras.layers.Activation("relu", name=f"s{s + 1}_relu{b + 1}")(x)
+        x = keras.layers.MaxPooling2D(2, name=f"s{s + 1}_pool")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    for i, u in enumerate(mp.dense_units):
+        x = keras.layers.Dropout(mp.dropout, name=f"dense_drop{i + 1}")(x)
+        x = keras.layers.Dense(_units(u, mp.width), activation="relu", name=f"dense{i + 1}")(x)
+    x = keras.layers.Dropout(mp.dropout, name="head_drop")(x)
+    out = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
+                             name="predictions")(x)
+    model = keras.Model(inp, out, name="fernet")
+    return BuiltModel(model, with_augmentation(model, mp, image_size, seed))
+
+
 def build_model(mp: ModelParams, num_classes: int, image_size: int = 48,
                 seed: int | None = None, name: str = "") -> BuiltModel:
     if mp.is_transfer:
         return build_transfer(mp, num_classes, image_size, seed, name)
+    if mp.arch == "fernet":
+        return build_fernet(mp, num_classes, image_size, seed)
     return build_custom_cnn(mp, num_classes, image_size, seed)
 
 

@@ -174,12 +174,36 @@ def _callbacks_module():
     return EpochLogger, BestKeeper, CrashAfter
 
 
-def _optimizer(mp: ModelParams):
+def _optimizer(mp: ModelParams, steps_per_epoch: int = 1):
     import keras
 
-    cls = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD,
-           "rmsprop": keras.optimizers.RMSprop}[mp.optimizer]
-    return cls(learning_rate=mp.learning_rate)
+    lr = mp.learning_rate
+    if mp.lr_schedule == "cosine":
+        warmup = mp.warmup_epochs * steps_per_epoch
+        total = max(1, mp.epochs * steps_per_epoch - warmup)
+        # Warm-up from lr/10 to lr, then cosine decay to 1% of lr over the remaining epochs.
+        lr = keras.optimizers.schedules.CosineDecay(
+            lr / 10 if warmup else lr, total, alpha=0.01,
+            warmup_target=lr if warmup else None, warmup_steps=warmup)
+    if mp.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=mp.weight_decay)
+    if mp.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True,
+                                    weight_decay=mp.weight_decay or None)
+    cls = {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop}[mp.optimizer]
+    return cls(learning_rate=lr)
+
+
+def _loss_and_targets(mp: ModelParams, n_classes: int):
+    """Sparse cross-entropy (the study), or one-hot targets with label smoothing. Returns
+    (loss, accuracy metric, function mapping int labels to the targets fit needs)."""
+    import keras
+
+    if not mp.label_smoothing:
+        return "sparse_categorical_crossentropy", "accuracy", lambda y: y
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=mp.label_smoothing)
+    eye = np.eye(n_classes, dtype=np.float32)
+    return loss, keras.metrics.CategoricalAccuracy(name="accuracy"), lambda y: eye[y]
 
 
 def _class_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:
@@ -280,14 +304,17 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
             log.info("cached frozen %s features %s in %.1fs (base runs once, not per epoch)",
                      mp.arch, ftr.shape[1:], time.perf_counter() - t0)
         fit_model = built.head
-        train_ds = make_dataset(ftr, train.y, mp.batch_size, shuffle=True, seed=tp.seed)
-        val_ds = make_dataset(fva, val.y, mp.batch_size)
+    loss, acc_metric, targets = _loss_and_targets(mp, n_classes)
+    if mp.uses_feature_cache:
+        train_ds = make_dataset(ftr, targets(train.y), mp.batch_size, shuffle=True, seed=tp.seed)
+        val_ds = make_dataset(fva, targets(val.y), mp.batch_size)
     else:
-        train_ds = make_dataset(train.x, train.y, mp.batch_size, shuffle=True, seed=tp.seed)
-        val_ds = make_dataset(val.x, val.y, mp.batch_size)
+        train_ds = make_dataset(train.x, targets(train.y), mp.batch_size, shuffle=True,
+                                seed=tp.seed)
+        val_ds = make_dataset(val.x, targets(val.y), mp.batch_size)
 
-    fit_model.compile(optimizer=_optimizer(mp), loss="sparse_categorical_crossentropy",
-                      metrics=["accuracy"])
+    steps = -(-len(train) // mp.batch_size)
+    fit_model.compile(optimizer=_optimizer(mp, steps), loss=loss, metrics=[acc_metric])
     cw = _class_weights(train.y, n_classes) if mp.class_weights else None
 
     # 4. MLflow run: new, or the interrupted one when resuming.
@@ -319,15 +346,15 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
     callbacks = [
         logger,
         keeper,
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=mp.reduce_lr.factor,
-                                          patience=mp.reduce_lr.patience,
-                                          min_delta=mp.reduce_lr.min_delta,
-                                          min_lr=mp.reduce_lr.min_lr, verbose=1),
         keras.callbacks.EarlyStopping(monitor=mp.monitor, mode=mode,
                                       patience=mp.early_stopping_patience,
                                       restore_best_weights=True, verbose=1),
         keras.callbacks.BackupAndRestore(str(state / "backup")),
     ]
+    if mp.lr_schedule == "plateau":  # a cosine schedule owns the learning rate itself
+        callbacks.insert(2, keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=mp.reduce_lr.factor, patience=mp.reduce_lr.patience,
+            min_delta=mp.reduce_lr.min_delta, min_lr=mp.reduce_lr.min_lr, verbose=1))
     if os.environ.get(CRASH_ENV):
         callbacks.append(CrashAfter(int(os.environ[CRASH_ENV])))
 
