@@ -7,9 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from conftest import ROOT, tiny_params
 from fer_pipeline.data.arrays import load_split
 from fer_pipeline.synthetic import make_raw_tree
+from project import ROOT, tiny_params
 
 
 def sh(*cmd: str, cwd: Path) -> str:

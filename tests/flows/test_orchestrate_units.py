@@ -7,7 +7,7 @@ import sys
 import pytest
 from prefect import flow
 
-from conftest import ROOT
+from project import ROOT
 
 sys.path.insert(0, str(ROOT))
 
