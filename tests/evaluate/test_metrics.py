@@ -67,6 +67,22 @@ def test_tta_flip_averages_image_and_mirror():
         EvaluateParams(tta="crops")
 
 
+def test_tta_flip_crops_uses_ten_views():
+    x = np.zeros((1, 8, 8, 1), np.uint8)
+    x[:, :, :4] = 255
+    calls = []
+
+    class Counting(_Asym):
+        def predict(self, x, batch_size=None, verbose=0):
+            calls.append(x.shape)
+            return super().predict(x)
+
+    probs = predict_proba(Counting(), x, tta="flip_crops").probs
+    assert len(calls) == 10 and all(c == (1, 8, 8, 1) for c in calls)
+    # left/right shifts and mirrors balance out: the mean stays symmetric
+    assert probs[0, 0] == pytest.approx(0.5)
+
+
 def test_champion_by_validation_then_fewer_params():
     c = {"x": {"val_accuracy": 0.6, "trainable_params": 100, "test_accuracy": 0.1},
          "y": {"val_accuracy": 0.6, "trainable_params": 50, "test_accuracy": 0.0},

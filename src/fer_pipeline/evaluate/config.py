@@ -9,7 +9,7 @@ from typing import Any
 from fer_pipeline.params import ParamsError, build, load_params
 from fer_pipeline.train.config import TrainConfig, from_raw
 
-TTA_MODES = {"none", "flip"}
+TTA_MODES = ("none", "flip", "flip_crops")
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class EvaluateParams:
     test_path: str = "data/processed/test.npz"   # the only reader of the test split
     reports_dir: str = "reports/evaluate"
     batch_size: int = 256                        # inference batch (and the speed measurement)
-    tta: str = "none"                            # none | flip (mean of image and its mirror)
+    tta: str = "none"                            # none | flip (image + mirror) | flip_crops (10 views)
 
     def __post_init__(self) -> None:
         if self.tta not in TTA_MODES:
