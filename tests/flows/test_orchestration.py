@@ -32,6 +32,16 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _project_tracking_store():
+    """The flow must log to the project's own store (params.yaml), whatever an earlier test
+    module left in MLFLOW_TRACKING_URI (env wins over params)."""
+    old = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    if old is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -68,7 +68,7 @@ def test_default_params_parse_and_custom_cnn_has_17m_params():
     from fer_pipeline.train.models import build_model, trainable_params
 
     cfg = load_train_config(ROOT / "params.yaml")
-    assert set(cfg.models) == {"custom_cnn", "custom_cnn_aug", "vgg16", "resnet50"}
+    assert set(cfg.models) == {"custom_cnn", "custom_cnn_aug", "vgg16", "resnet50", "fernet"}
     assert cfg.models["custom_cnn_aug"].augmentation.enabled
     assert cfg.models["resnet50"].class_weights
     keras.mixed_precision.set_global_policy("float32")
@@ -249,3 +249,32 @@ def test_jax_backend_smoke(processed, tmp_path):
          "cnn", "--processed-dir", str(processed)],
         env=_env(KERAS_BACKEND="jax"), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_fernet_recipe_trains_with_smoothing_cosine_and_erasing(processed, tmp_path, monkeypatch):
+    """The fifth model's recipe (AdamW, warm-up + cosine, label smoothing, random erasing) runs
+    through the same stage, and the saved model is a plain inference model."""
+    import keras
+
+    from fer_pipeline.train.models import build_model, trainable_params
+    from fer_pipeline.train.stage import train_model
+
+    default = load_train_config(ROOT / "params.yaml").models["fernet"]
+    keras.mixed_precision.set_global_policy("float32")
+    assert 1.0e6 < trainable_params(build_model(default, 7).model) < 1.5e6
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mp = build(ModelParams, {
+        "arch": "fernet", "epochs": 2, "batch_size": 16, "width": 0.25, "dense_units": [],
+        "optimizer": "adamw", "weight_decay": 1e-4, "lr_schedule": "cosine", "warmup_epochs": 1,
+        "label_smoothing": 0.1, "augmentation": {"horizontal_flip": True, "random_erasing": 0.5,
+                                                 "contrast": 0.2}}, "models.fernet")
+    res = train_model("fernet", mp, _train_params(tmp_path),
+                      MlflowParams(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                   log_model=False), processed_dir=processed)
+    assert res.metrics["epochs_run"] == 2 and 0.0 <= res.metrics["val_accuracy"] <= 1.0
+    rows = res.history_path.read_text().splitlines()
+    lrs = [float(r.split(",")[rows[0].split(",").index("learning_rate")]) for r in rows[1:]]
+    assert lrs[0] != lrs[1]  # the schedule moves the learning rate every epoch
+    model = keras.saving.load_model(res.model_path)
+    assert not any(layer.name.startswith("aug_") for layer in model.layers)
+    assert model.predict(np.zeros((2, 48, 48, 1), np.float32), verbose=0).shape == (2, 7)
