@@ -305,15 +305,13 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
                      mp.arch, ftr.shape[1:], time.perf_counter() - t0)
         fit_model = built.head
     loss, acc_metric, targets = _loss_and_targets(mp, n_classes)
-    if mp.uses_feature_cache:
-        train_ds = make_dataset(ftr, targets(train.y), mp.batch_size, shuffle=True, seed=tp.seed)
-        val_ds = make_dataset(fva, targets(val.y), mp.batch_size)
-    else:
-        train_ds = make_dataset(train.x, targets(train.y), mp.batch_size, shuffle=True,
-                                seed=tp.seed)
-        val_ds = make_dataset(val.x, targets(val.y), mp.batch_size)
-
+    xtr, xva = (ftr, fva) if mp.uses_feature_cache else (train.x, val.x)
+    # Endless datasets + explicit steps: one iterator per fit, not one per epoch.
+    train_ds = make_dataset(xtr, targets(train.y), mp.batch_size, shuffle=True, seed=tp.seed,
+                            repeat=True)
+    val_ds = make_dataset(xva, targets(val.y), mp.batch_size, repeat=True)
     steps = -(-len(train) // mp.batch_size)
+    val_steps = -(-len(val) // mp.batch_size)
     fit_model.compile(optimizer=_optimizer(mp, steps), loss=loss, metrics=[acc_metric])
     cw = _class_weights(train.y, n_classes) if mp.class_weights else None
 
@@ -374,6 +372,7 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
                  built.pretrained, mp.uses_feature_cache, len(train), len(val))
         t0 = time.perf_counter()
         fit_model.fit(train_ds, validation_data=val_ds, epochs=mp.epochs, class_weight=cw,
+                      steps_per_epoch=steps, validation_steps=val_steps,
                       callbacks=callbacks, verbose=tp.verbose)
         train_seconds = time.perf_counter() - t0
         resumed_from = logger.first_epoch or 0
