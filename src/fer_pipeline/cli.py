@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (StageError, FileNotFoundError, ValueError) as exc:
+        if args.verbose:  # a bug that raises ValueError must stay debuggable
+            import traceback
+
+            traceback.print_exc()
         print(f"fer {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -79,21 +79,9 @@ def curves_figure(history_csv: Path, title: str):
         rows = list(csv.DictReader(fh))
     if not rows:
         return None
-    plt = _pyplot()
-    ep = [int(r["epoch"]) + 1 for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
-        for prefix in ("", "val_"):
-            col = prefix + key
-            if col in rows[0]:
-                ax.plot(ep, [float(r[col]) for r in rows], marker=".",
-                        label=("val " if prefix else "train ") + key)
-        ax.set_xlabel("epoch")
-        ax.set_title(key)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    from fer_pipeline.train.history import history_figure
+
+    return history_figure(rows, title)
 
 
 def save_figure(fig, path: Path) -> None:

@@ -214,25 +214,6 @@ def _class_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:
     return {i: float(w[i]) for i in range(n_classes) if present[i]}
 
 
-def _history_plot(rows: list[dict[str, Any]], title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [int(r["epoch"]) + 1 for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
-        ax.plot(ep, [float(r[key]) for r in rows], label=f"train {key}")
-        ax.plot(ep, [float(r[f"val_{key}"]) for r in rows], label=f"val {key}")
-        ax.set_xlabel("epoch")
-        ax.set_title(key)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
 def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
                 mlflow_params: MlflowParams, processed_dir: str | Path = PROCESSED_DIR,
                 models_dir: str | Path | None = None, reports_dir: str | Path | None = None,
@@ -255,6 +236,7 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
     import keras
 
     from fer_pipeline.train.data import make_dataset
+    from fer_pipeline.train.history import history_figure
     from fer_pipeline.train.models import build_model, trainable_params
     from fer_pipeline.train.precision import apply_policy
 
@@ -392,7 +374,7 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
         })
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items()
                             if isinstance(v, int | float) and not isinstance(v, bool)})
-        mlflow.log_figure(_history_plot(rows, f"{name} ({mp.arch}, pretrained="
+        mlflow.log_figure(history_figure(rows, f"{name} ({mp.arch}, pretrained="
                                               f"{built.pretrained})"), "plots/history.png")
         mlflow.log_artifact(str(history_file), "history")
         model_uri = None
