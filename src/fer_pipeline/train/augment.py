@@ -7,8 +7,10 @@ import keras
 from fer_pipeline.train.config import AugmentParams
 
 
-def augmentation_layers(aug: AugmentParams, seed: int | None = None) -> list[keras.layers.Layer]:
-    """The study's ImageDataGenerator settings as Keras 3 layers. Layers run in float32."""
+def augmentation_layers(aug: AugmentParams, seed: int | None = None,
+                        backend: str | None = None) -> list[keras.layers.Layer]:
+    """The study's ImageDataGenerator settings as Keras 3 layers. Layers run in float32.
+    `backend` defaults to Keras' own (a parameter so tests can check the JAX case)."""
     layers: list[keras.layers.Layer] = []
     kw = {"dtype": "float32", "seed": seed}
     if aug.rotation:
@@ -34,7 +36,7 @@ def augmentation_layers(aug: AugmentParams, seed: int | None = None) -> list[ker
         # Erases one rectangle (2-33% of the image) with noise, with this probability per image.
         layers.append(keras.layers.RandomErasing(factor=aug.random_erasing, value_range=(0, 255),
                                                  name="aug_erasing", **kw))
-    if keras.backend.backend() == "jax":
+    if (backend or keras.backend.backend()) == "jax":
         # RandomTranslation/RandomZoom declare supports_jit=False (a TensorFlow-XLA limit), and
         # one such layer makes Keras run the whole train step eagerly, op by op: on JAX that
         # was 316 s per epoch instead of 1.3 s on an H200. Their JAX ops compile fine.
