@@ -3,35 +3,22 @@
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
 from fer_pipeline.data.arrays import load_split
-from fer_pipeline.synthetic import make_raw_tree
-from project import ROOT, tiny_params
+from project import ROOT
 
+sys.path.insert(0, str(ROOT))
 
-def sh(*cmd: str, cwd: Path) -> str:
-    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout}\n{res.stderr}"
-    return res.stdout + res.stderr
+from flows.sandbox import make_project, sh  # noqa: E402
 
 
 def make_repo(tmp_path: Path) -> Path:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    make_raw_tree(repo / "data/raw/fer2013", {"train": 8, "test": 3})
-    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(Path("data/raw/fer2013"))))
-    sh("git", "init", "-q", cwd=repo)
-    sh("git", "config", "user.email", "t@t", cwd=repo)
-    sh("git", "config", "user.name", "t", cwd=repo)
-    sh("dvc", "init", "-q", cwd=repo)
-    sh("git", "add", "-A", cwd=repo)
-    sh("git", "commit", "-qm", "init", cwd=repo)
-    return repo
+    """The same throw-away git + DVC project the Prefect tests and demos use."""
+    return make_project(tmp_path)
 
 
 def test_dvc_repro_data_stages_then_nothing_then_only_split(tmp_path):
