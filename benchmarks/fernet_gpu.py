@@ -10,7 +10,7 @@ recipe whose accuracy is reported (the GPU profile), never to choose between var
 
     python benchmarks/fernet_gpu.py pack --out .gpu                     # here
     KERAS_BACKEND=jax python benchmarks/fernet_gpu.py train --data .gpu --name full \\
-        [--profile profiles/fernet-gpu.yaml] [-S models.fernet.epochs=45 ...] [--test] \\
+        [--profile fernet-gpu] [-S models.fernet.epochs=45 ...] [--test] \\
         --log results.jsonl                                             # there
     python benchmarks/fernet_gpu.py table results.jsonl                 # here: markdown
 
@@ -72,24 +72,22 @@ def _head(a, n: int):
 
 
 def model_params(profile: str | None, sets: list[str], key: str = "fernet"):
+    """params.yaml + a profile (by name, as `fer run --profile`) + -S overrides, applied the
+    way `dvc exp run -S` does. Returns (model params, the overrides, evaluate.tta)."""
     import yaml
 
     from fer_pipeline.params import load_raw, set_dotted
+    from fer_pipeline.profiles import load_profile
     from fer_pipeline.train.config import from_raw
 
     raw = load_raw(ROOT / "params.yaml")
-    overrides: dict = {}
-    if profile:
-        overrides.update(yaml.safe_load(Path(profile).read_text()) or {})
+    overrides: dict = dict(load_profile(profile)) if profile else {}
     for s in sets:
         k, _, v = s.partition("=")
         overrides[k] = yaml.safe_load(v)
-    tta = "flip"
     for k, v in overrides.items():
-        if k == "evaluate.tta":
-            tta = v
         set_dotted(raw, k, v)
-    return from_raw(raw).model(key), overrides, tta
+    return from_raw(raw).model(key), overrides, raw["evaluate"]["tta"]
 
 
 def train(args: argparse.Namespace) -> None:
@@ -202,7 +200,7 @@ def main() -> None:
     t = sub.add_parser("train")
     t.add_argument("--data", default=str(ROOT / ".gpu"))
     t.add_argument("--name", required=True)
-    t.add_argument("--profile")
+    t.add_argument("--profile", help="a profiles/NAME.yaml, by NAME")
     t.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
     t.add_argument("--precision", default="mixed_bfloat16")
     t.add_argument("--seed", type=int, default=42)

@@ -18,7 +18,7 @@ run() {
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 # The GPU recipe (profile), test read for the report only.
-run gpu_recipe --profile profiles/fernet-gpu.yaml --test "$@"
+run gpu_recipe --profile fernet-gpu --test "$@"
 # Ablation of the CPU-budget recipe (params.yaml's models.fernet, 30 epochs): one idea off each.
 run full "$@"
 run no_label_smoothing -S $f.label_smoothing=0 "$@"

@@ -4,7 +4,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import yaml
 
@@ -16,13 +15,8 @@ sys.path.insert(0, str(ROOT))
 from flows.sandbox import make_project, sh  # noqa: E402
 
 
-def make_repo(tmp_path: Path) -> Path:
-    """The same throw-away git + DVC project the Prefect tests and demos use."""
-    return make_project(tmp_path)
-
-
 def test_dvc_repro_data_stages_then_nothing_then_only_split(tmp_path):
-    repo = make_repo(tmp_path)
+    repo = make_project(tmp_path)   # the sandbox the Prefect tests and demos use
     out = sh("dvc", "repro", "split", cwd=repo)
     for stage in ("validate", "clean", "split"):
         assert f"Running stage '{stage}'" in out
@@ -44,7 +38,7 @@ def test_dvc_repro_data_stages_then_nothing_then_only_split(tmp_path):
 
 
 def test_dvc_repro_stops_on_hard_data_failure(tmp_path):
-    repo = make_repo(tmp_path)
+    repo = make_project(tmp_path)   # the sandbox the Prefect tests and demos use
     shutil.copytree(repo / "data/raw/fer2013/train/sad", repo / "data/raw/fer2013/train/Sad")
     res = subprocess.run(["dvc", "repro", "split"], cwd=repo, capture_output=True, text=True)
     assert res.returncode != 0
