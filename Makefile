@@ -68,7 +68,7 @@ flow: setup  ## run the flow here without a worker (ARGS='--epochs 1 -S data.max
 		$(BIN)/python flows/pipeline.py $(ARGS)
 
 demo-workers: setup  ## two local workers share one run's trainings (own temp server, tiny data, ~2 min)
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python flows/demo_workers.py
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m flows.demo_workers
 
 test-flows: setup  ## the orchestration tests only (real Prefect server + worker, ~3 min)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q tests/flows

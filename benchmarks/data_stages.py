@@ -7,15 +7,14 @@ Run from the project root with the data pulled (`make data`) and the machine oth
 
 from __future__ import annotations
 
+import argparse
 import os
-import platform
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
-RESULTS = Path(__file__).with_name("results.md")
+import common
 
 
 def timed(cmd: list[str]) -> float:
@@ -25,29 +24,18 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=common.RESULTS, help="file to append to")
+    args = ap.parse_args()
     dvc = str(Path(sys.executable).parent / "dvc")
     full = timed([dvc, "repro", "-f", "split"])
     noop = timed([dvc, "repro", "split"])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    text = (
-        f"\n## {datetime.now():%Y-%m-%d %H:%M} - data stages - commit {commit}\n\n"
-        f"- command: `python benchmarks/data_stages.py` (= `dvc repro -f split`, then `dvc repro split`)\n"
-        f"- machine: {cpu_name()}, {os.cpu_count()} cores\n"
-        f"- validate + clean + split on the full FER-2013 (35,887 files): **{full:.1f} s** wall\n"
-        f"- second `dvc repro split`, nothing changed: **{noop:.1f} s**\n"
-    )
-    with RESULTS.open("a") as fh:
-        fh.write(text)
-    print(text)
+    body = ("- runs `dvc repro -f split`, then `dvc repro split`\n"
+            f"- machine: {common.machine()}\n"
+            f"- validate + clean + split on the full FER-2013 (35,887 files): **{full:.1f} s** wall\n"
+            f"- second `dvc repro split`, nothing changed: **{noop:.1f} s**\n")
+    print(common.append_results("data stages", body, results=args.results))
 
 
 if __name__ == "__main__":

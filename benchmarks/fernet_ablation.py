@@ -1,10 +1,10 @@
 """Ablation of the fifth model's recipe, measured on the validation split only.
 
-Each variant switches one idea of `models.fernet` off (the same params `dvc exp run -S
-models.fernet.<key>=...` changes) and trains with the project's own `train_model` on a
-reduced budget (a per-class cap of the training split and fewer epochs), so the table fits
-in minutes on a CPU. Runs go to the MLflow experiment `fer-ablation`. The test set is never
-read.
+Each variant switches one idea of `models.fernet` off with the same overrides `dvc exp run -S
+models.fernet.<key>=...` takes, and trains with the project's own `train_model` on a reduced
+budget (a per-class cap of the training split and fewer epochs), so the table fits in minutes
+on a CPU. Runs go to the MLflow experiment `fer-ablation` (`--no-mlflow`: none). The test set
+is never read.
 
     python benchmarks/fernet_ablation.py --cap 1000 --epochs 8     # appends to results.md
 """
@@ -14,19 +14,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import subprocess
 import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 
+import common
 import numpy as np
 
-from fer_pipeline.data.arrays import SplitArrays, load_split, save_split, split_path
+from fer_pipeline import params as P
+from fer_pipeline.arrays import PROCESSED_DIR, SplitArrays, load_split, save_split, split_path
 from fer_pipeline.evaluate.metrics import predict_proba
-from fer_pipeline.train.config import AugmentParams, load_train_config
 
-RESULTS = Path(__file__).with_name("results.md")
+M = "models.fernet"
+VARIANTS: dict[str, dict] = {
+    "full recipe": {},
+    "- label smoothing": {f"{M}.label_smoothing": 0.0},
+    "- random erasing": {f"{M}.augmentation.random_erasing": 0.0},
+    "- all augmentation": {f"{M}.augmentation": {}},
+    "- AdamW + cosine (Adam + ReduceLROnPlateau, the study)": {
+        f"{M}.optimizer": "adam", f"{M}.lr_schedule": "plateau", f"{M}.learning_rate": 1e-3,
+        f"{M}.weight_decay": 0.0},
+}
 
 
 def capped(arrays: SplitArrays, cap: int, seed: int = 0) -> SplitArrays:
@@ -38,42 +47,36 @@ def capped(arrays: SplitArrays, cap: int, seed: int = 0) -> SplitArrays:
                        arrays.classes)
 
 
-def variants(base):
-    r = dataclasses.replace
-    return {
-        "full recipe": base,
-        "- label smoothing": r(base, label_smoothing=0.0),
-        "- random erasing": r(base, augmentation=r(base.augmentation, random_erasing=0.0)),
-        "- all augmentation": r(base, augmentation=AugmentParams()),
-        "- AdamW + cosine (Adam + ReduceLROnPlateau, the study)":
-            r(base, optimizer="adam", lr_schedule="plateau", learning_rate=1e-3, weight_decay=0.0),
-    }
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cap", type=int, default=1000, help="training images per class")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--only", nargs="*", help="variant names to run")
+    ap.add_argument("--params", type=Path, default=common.ROOT / "params.yaml")
+    ap.add_argument("-S", "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra override for every variant (e.g. models.fernet.width=0.25)")
+    ap.add_argument("--processed", type=Path, default=PROCESSED_DIR)
+    ap.add_argument("--no-mlflow", action="store_true", help="train without MLflow tracking")
+    ap.add_argument("--results", type=Path, default=common.RESULTS, help="file to append to")
     args = ap.parse_args()
 
     from fer_pipeline.train.stage import train_model
 
-    cfg = load_train_config()
-    base = dataclasses.replace(cfg.model("fernet"), epochs=args.epochs,
-                               warmup_epochs=min(1, args.epochs - 1))
+    base = {f"{M}.epochs": args.epochs, f"{M}.warmup_epochs": min(1, args.epochs - 1),
+            **P.parse_overrides(args.sets)}
+    variants = {name: P.load(args.params, {**base, **ov}) for name, ov in VARIANTS.items()
+                if not args.only or name in args.only}   # every variant checked before training
     tmp = Path(tempfile.mkdtemp(prefix="fer-ablation-"))
-    save_split(split_path(tmp, "train"), capped(load_split("data/processed/train.npz"), args.cap))
-    val = load_split("data/processed/val.npz")
+    save_split(split_path(tmp, "train"),
+               capped(load_split(split_path(args.processed, "train")), args.cap))
+    val = load_split(split_path(args.processed, "val"))
     save_split(split_path(tmp, "val"), val)
-    mlflow_params = dataclasses.replace(cfg.mlflow, experiment="fer-ablation")
     os.environ.setdefault("FER_PIPELINE_RUN_ID", f"ablation-{datetime.now():%Y%m%d-%H%M}")
     rows = []
-    for name, mp in variants(base).items():
-        if args.only and name not in args.only:
-            continue
+    for name, p in variants.items():
         t0 = time.perf_counter()
-        res = train_model("fernet_ablation", mp, cfg.train, mlflow_params, processed_dir=tmp,
+        mlflow = None if args.no_mlflow else dataclasses.replace(p.mlflow, experiment="fer-ablation")
+        res = train_model("fernet_ablation", p.model("fernet"), p.train, mlflow, processed_dir=tmp,
                           models_dir=tmp / "models", reports_dir=tmp / "reports",
                           state_dir=tmp / "state")
         import keras
@@ -83,21 +86,15 @@ def main() -> None:
         rows.append((name, res.metrics["val_accuracy"], float((flip == val.y).mean()),
                      time.perf_counter() - t0))
         print(rows[-1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
     full = rows[0][1] if rows and rows[0][0] == "full recipe" else None
-    lines = [f"\n## {datetime.now():%Y-%m-%d %H:%M} - fernet ablation - commit {commit}\n",
-             f"- command: `python benchmarks/fernet_ablation.py --cap {args.cap} --epochs {args.epochs}`",
-             f"- {args.cap} training images per class (of the train split), {args.epochs} epochs, "
+    lines = [f"- {args.cap} training images per class (of the train split), {args.epochs} epochs, "
              f"full validation split ({len(val)} images); test set not read\n",
-             "| variant | val acc | val acc, flip TTA | vs full recipe | wall s |", "|---|---|---|---|---|"]
+             "| variant | val acc | val acc, flip TTA | vs full recipe | wall s |",
+             "|---|---|---|---|---|"]
     for name, acc, acc_flip, secs in rows:
         delta = f"{(acc - full) * 100:+.1f} pt" if full is not None else ""
         lines.append(f"| {name} | {acc:.4f} | {acc_flip:.4f} | {delta} | {secs:.0f} |")
-    text = "\n".join(lines) + "\n"
-    with RESULTS.open("a") as fh:
-        fh.write(text)
-    print(text)
+    print(common.append_results("fernet ablation", "\n".join(lines), results=args.results))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Train variants of the fifth model on a lent GPU machine, with the JAX backend.
 
 That machine has JAX but no TensorFlow, MLflow or DVC, and takes at most 64 MiB of files, so
-this script packs the split arrays small (`pack`, run here) and trains with the project's own
-pieces (`build_model`, the optimizer/schedule and loss of `train.stage`, `train.data`,
-`evaluate.metrics.predict_proba`) without the MLflow/DVC edges of `train_model`. Several
-variants run at once as separate processes on the one GPU (each is far too small to fill it).
-Selection uses the validation split only; the test split is read only with `--test`, for the
-recipe whose accuracy is reported (the GPU profile), never to choose between variants.
+this script packs the split arrays small (`pack`, run here) and, there, unpacks them into a
+temp processed dir and trains with the package's own `train_model(..., mlflow_params=None)`:
+the same recipe, precision policy (`train.precision`), early stopping and best-epoch choice
+as `fer train`. Several variants run at once as separate processes on the one GPU (each is
+far too small to fill it). Selection uses the validation split only; the test split is read
+only with `--test`, for the recipe whose accuracy is reported (the GPU profile), never to
+choose between variants.
 
     python benchmarks/fernet_gpu.py pack --out .gpu                     # here
     KERAS_BACKEND=jax python benchmarks/fernet_gpu.py train --data .gpu --name full \\
@@ -14,32 +15,33 @@ recipe whose accuracy is reported (the GPU profile), never to choose between var
         --log results.jsonl                                             # there
     python benchmarks/fernet_gpu.py table results.jsonl                 # here: markdown
 
-Every epoch appends one JSON line to --log (so a run cut off at its time limit still
-reports), and the end of a run appends a `final` line.
+The log gets a `start` line, one `epoch` line per finished epoch (from the stage's history,
+also when the run is cut off by SIGTERM, e.g. `timeout`) and a `final` line.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import lzma
 import os
+import signal
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
 SPLITS = ("train", "val", "test")
+MODEL = "fernet"
 XZ_FILTERS = [{"id": lzma.FILTER_DELTA, "dist": 1}, {"id": lzma.FILTER_LZMA2, "preset": 6}]
 
 
 def pack(processed: Path, out: Path) -> None:
     """uint8 images as delta+xz (76% of raw; zlib npz barely compresses faces), the rest npz."""
-    from fer_pipeline.data.arrays import load_split, split_path
+    from fer_pipeline.arrays import load_split, split_path
 
     out.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
@@ -52,53 +54,40 @@ def pack(processed: Path, out: Path) -> None:
         print(f"{split}: {len(a)} images -> {(out / f'{split}.x.xz').stat().st_size / 1e6:.1f} MB")
 
 
-def unpack(data: Path, split: str):
-    from fer_pipeline.data.arrays import SplitArrays
+def unpack(data: Path, split: str, limit: int = 0):
+    """The packed split as SplitArrays (its first `limit` images when limit > 0)."""
+    from fer_pipeline.arrays import SplitArrays
 
     with np.load(data / f"{split}.meta.npz") as m:
         shape = tuple(int(s) for s in m["shape"])
         x = np.frombuffer(lzma.decompress((data / f"{split}.x.xz").read_bytes()),
                           dtype=np.uint8).reshape(shape)
-        flags = {k: m[k] for k in m.files if k.startswith("flag_")}
-        return SplitArrays(x, m["y"], np.asarray([""] * len(m["y"])), m["origin"],
-                           [str(c) for c in m["classes"]], flags)
+        n = limit or len(m["y"])
+        flags = {k: m[k][:n] for k in m.files if k.startswith("flag_")}
+        return SplitArrays(x[:n], m["y"][:n], np.asarray([""] * min(n, len(m["y"]))),
+                           m["origin"][:n], [str(c) for c in m["classes"]], flags)
 
 
-def _head(a, n: int):
-    from fer_pipeline.data.arrays import SplitArrays
-
-    return SplitArrays(a.x[:n], a.y[:n], a.ids[:n], a.origin[:n], a.classes,
-                       {k: v[:n] for k, v in a.flags.items()})
-
-
-def model_params(profile: str | None, sets: list[str], key: str = "fernet"):
-    """params.yaml + a profile (by name, as `fer run --profile`) + -S overrides, applied the
-    way `dvc exp run -S` does. Returns (model params, the overrides, evaluate.tta)."""
-    import yaml
-
-    from fer_pipeline.params import load_raw, set_dotted
+def load_params(params: Path, profile: str | None, sets: list[str]):
+    """params.yaml + a profile (by name, as `fer run --profile`) + -S overrides, checked by
+    `fer_pipeline.params` as `fer run` checks them. Returns (Params, the overrides)."""
+    from fer_pipeline import params as P
     from fer_pipeline.profiles import load_profile
-    from fer_pipeline.train.config import from_raw
 
-    raw = load_raw(ROOT / "params.yaml")
-    overrides: dict = dict(load_profile(profile)) if profile else {}
-    for s in sets:
-        k, _, v = s.partition("=")
-        overrides[k] = yaml.safe_load(v)
-    for k, v in overrides.items():
-        set_dotted(raw, k, v)
-    return from_raw(raw).model(key), overrides, raw["evaluate"]["tta"]
+    overrides = {**(load_profile(profile, ROOT / "profiles") if profile else {}),
+                 **P.parse_overrides(sets)}
+    return P.load(params, overrides), overrides
 
 
 def train(args: argparse.Namespace) -> None:
-    import keras
-
+    from fer_pipeline.arrays import save_split, split_path
     from fer_pipeline.evaluate.metrics import predict_proba
-    from fer_pipeline.train.data import make_dataset
-    from fer_pipeline.train.models import build_model, trainable_params
-    from fer_pipeline.train.stage import _loss_and_targets, _optimizer
+    from fer_pipeline.train.precision import resolve_policy
+    from fer_pipeline.train.resume import ResumeState
+    from fer_pipeline.train.stage import train_model
 
-    mp, overrides, tta = model_params(args.profile, args.set)
+    p, overrides = load_params(Path(args.params), args.profile, args.set)
+    mp = p.model(MODEL)
     log_file = Path(args.log)
 
     def emit(**row) -> None:
@@ -106,54 +95,43 @@ def train(args: argparse.Namespace) -> None:
         with log_file.open("a") as fh:   # one short append per line: safe across processes
             fh.write(json.dumps(row) + "\n")
 
-    train_a, val = unpack(Path(args.data), "train"), unpack(Path(args.data), "val")
-    if args.limit:   # smoke test of the script itself
-        train_a, val = _head(train_a, args.limit), _head(val, args.limit)
-    keras.utils.set_random_seed(args.seed)
-    keras.mixed_precision.set_global_policy(args.precision)
-    built = build_model(mp, len(train_a.classes), int(train_a.x.shape[1]), seed=args.seed)
-    loss, acc_metric, targets = _loss_and_targets(mp, len(train_a.classes))
-    steps = -(-len(train_a) // mp.batch_size)
-    built.train_model.compile(optimizer=_optimizer(mp, steps), loss=loss, metrics=[acc_metric])
-    emit(event="start", overrides=overrides, params=trainable_params(built.model),
-         backend=keras.backend.backend(), precision=args.precision, epochs=mp.epochs,
-         n_train=len(train_a), n_val=len(val))
-    best = {"val_accuracy": -1.0, "epoch": -1, "weights": None}
-    t_start = time.perf_counter()
+    def emit_epochs(rows) -> None:
+        for r in rows:
+            emit(event="epoch", epoch=int(r["epoch"]) + 1, loss=float(r["loss"]),
+                 accuracy=float(r["accuracy"]), val_accuracy=float(r["val_accuracy"]),
+                 seconds=round(float(r["seconds"]), 2))
 
-    class Log(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.t0 = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix=f"fernet-gpu-{args.name}-"))
+    train_a, val = unpack(Path(args.data), "train", args.limit), unpack(Path(args.data), "val",
+                                                                        args.limit)
+    save_split(split_path(work, "train"), train_a)
+    save_split(split_path(work, "val"), val)
+    import keras
 
-        def on_epoch_end(self, epoch, logs=None):
-            logs = logs or {}
-            va = float(logs.get("val_accuracy", float("nan")))
-            if va > best["val_accuracy"]:
-                best.update(val_accuracy=va, epoch=epoch + 1, weights=built.model.get_weights())
-            emit(event="epoch", epoch=epoch + 1, loss=float(logs.get("loss", 0)),
-                 accuracy=float(logs.get("accuracy", 0)), val_accuracy=va,
-                 seconds=round(time.perf_counter() - self.t0, 2))
-
-    callbacks = [Log()]
-    if mp.lr_schedule == "plateau":   # as train_model does: the study's schedule
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=mp.reduce_lr.factor, patience=mp.reduce_lr.patience,
-            min_delta=mp.reduce_lr.min_delta, min_lr=mp.reduce_lr.min_lr))
-    built.train_model.fit(
-        make_dataset(train_a.x, targets(train_a.y), mp.batch_size, shuffle=True, seed=args.seed),
-        validation_data=make_dataset(val.x, targets(val.y), mp.batch_size),
-        epochs=mp.epochs, callbacks=callbacks, verbose=0)
-    train_seconds = time.perf_counter() - t_start
-    built.model.set_weights(best["weights"])
-    final = {"best_epoch": best["epoch"], "train_seconds": round(train_seconds, 1)}
+    emit(event="start", overrides=overrides, backend=keras.backend.backend(),
+         precision=resolve_policy(p.train.precision), epochs=mp.epochs, n_train=len(train_a),
+         n_val=len(val))
+    # `timeout` sends SIGTERM: leave through Python, so the finished epochs still get logged.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        res = train_model(MODEL, mp, p.train, None, processed_dir=work,
+                          models_dir=work / "models", reports_dir=work / "reports",
+                          state_dir=work / "state")
+    except BaseException:
+        emit_epochs(ResumeState(work / "state" / MODEL).history_rows())
+        raise
+    with res.history_path.open() as fh:
+        emit_epochs(list(csv.DictReader(fh)))
+    model = keras.saving.load_model(res.model_path)
+    final = {"best_epoch": res.metrics["best_epoch"], "params": res.metrics["trainable_params"],
+             "train_seconds": res.metrics["train_seconds"]}
     for mode in ("none", "flip", "flip_crops"):
-        pred = predict_proba(built.model, val.x, tta=mode).probs.argmax(1)
+        pred = predict_proba(model, val.x, tta=mode).probs.argmax(1)
         final[f"val_{mode}"] = float((pred == val.y).mean())
     if args.test:   # the reported recipe only; variants are chosen on validation above
-        test = unpack(Path(args.data), "test")
-        test = _head(test, args.limit) if args.limit else test
-        pred = predict_proba(built.model, test.x, tta=tta).probs.argmax(1)
-        final["test_tta"] = tta
+        test = unpack(Path(args.data), "test", args.limit)
+        pred = predict_proba(model, test.x, tta=p.evaluate.tta).probs.argmax(1)
+        final["test_tta"] = p.evaluate.tta
         final["test_accuracy"] = float((pred == test.y).mean())
         for origin in ("PublicTest", "PrivateTest"):
             m = test.origin == origin
@@ -179,11 +157,12 @@ def table(log: Path) -> str:
            "| test (TTA) | PrivateTest | s/epoch |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, d in rows.items():
         s, f = d.get("start", {}), d.get("final", {})
-        ov = ", ".join(f"{k.removeprefix('models.fernet.')}={v}"
+        ov = ", ".join(f"{k.removeprefix(f'models.{MODEL}.')}={v}"
                        for k, v in s.get("overrides", {}).items()) or "-"
         test = (f"{f['test_accuracy']:.4f} ({f['test_tta']})" if "test_accuracy" in f else "")
         priv = f"{f['test_PrivateTest']:.4f}" if "test_PrivateTest" in f else ""
-        out.append(f"| {name} | {ov} | {s.get('params', '')} | {d['epochs_done']}/"
+        n_params = f.get("params", s.get("params", ""))   # older logs: on the start line
+        out.append(f"| {name} | {ov} | {n_params} | {d['epochs_done']}/"
                    f"{s.get('epochs', '?')} | {d.get('best', float('nan')):.4f} | "
                    f"{f.get('val_flip', float('nan')):.4f} | "
                    f"{f.get('val_flip_crops', float('nan')):.4f} | {test} | {priv} | "
@@ -200,10 +179,10 @@ def main() -> None:
     t = sub.add_parser("train")
     t.add_argument("--data", default=str(ROOT / ".gpu"))
     t.add_argument("--name", required=True)
+    t.add_argument("--params", default=str(ROOT / "params.yaml"))
     t.add_argument("--profile", help="a profiles/NAME.yaml, by NAME")
-    t.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
-    t.add_argument("--precision", default="mixed_bfloat16")
-    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="param override, as `dvc exp run -S` (e.g. train.precision=mixed_bfloat16)")
     t.add_argument("--test", action="store_true")
     t.add_argument("--limit", type=int, default=0, help="first N images per split (smoke test)")
     t.add_argument("--log", required=True)

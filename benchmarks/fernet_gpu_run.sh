@@ -4,8 +4,13 @@
 #   bash benchmarks/fernet_gpu_run.sh OUT_DIR [SECONDS_PER_PROCESS] [extra train args...]
 # Results: OUT_DIR/results.jsonl (one line per epoch and per finished run), OUT_DIR/all.log.
 # VARIANTS="full e45" runs only the named ones. Needs benchmarks/fernet_gpu.py pack's files in .gpu/ and keras on the path.
+# Training is the package's `train_model` (no MLflow), so the dtype policy is train.precision
+# (auto: mixed_float16 on a GPU); runs before this commit used mixed_bfloat16 (pass
+# -S train.precision=mixed_bfloat16 to compare).
 set -u
 out=${1:?OUT_DIR}; limit=${2:-480}; shift 2 || shift $#
+# The package from this checkout (the lent machine has no editable install).
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 log=$out/results.jsonl
 f=models.fernet

@@ -1,67 +1,69 @@
 """Training-speed benchmark (run by hand, never as a timed test).
 
-1. Custom CNN (the study's 17.0M-param model, batch 64): images/s of a plain Keras baseline that
-   decodes the JPEG folders every epoch (`keras.utils.image_dataset_from_directory`, float32)
-   vs. the project's training path (in-memory uint8 arrays via `make_dataset` + the precision
-   that `train.precision: auto` picks), plus the project path in float32 to separate the gains.
-   Each config: one warm-up epoch (graph tracing), then one timed epoch of --steps steps.
-2. Frozen VGG16 base (weights=None is equivalent for speed) at the quick-profile input size:
-   seconds per epoch recomputing the frozen base (what augmentation-on costs) vs. training the
-   head on cached features (what `cache_features` does), plus the one-time extraction cost.
+1. Custom CNN (params.yaml's `models.custom_cnn`, the study's 17.0M-param model, batch 64):
+   images/s of a plain Keras baseline that decodes the JPEG folders every epoch
+   (`keras.utils.image_dataset_from_directory`, float32; the thing compared against, so not
+   the package) vs. the project's `train_model` (in-memory uint8 arrays) with
+   `train.precision: float32` and with `auto`, to separate the gains. Each `train_model` call
+   trains 2 epochs of --steps steps on a subset of the train split (validation: one batch);
+   epoch 1 traces the graph, epoch 2's seconds (the stage's history) are the measurement.
+2. Frozen VGG16 base (weights null is equivalent for speed) at the quick-profile input size:
+   seconds per epoch with `cache_features: false` (the base runs every epoch, what
+   augmentation-on costs) vs. `true` (the head trains on cached features), both through
+   `train_model`, plus the time outside fit (build, the one-time extraction, final metrics).
 
-Usage: .venv/bin/python benchmarks/train_speed.py [--steps 60] [--jpeg-dir data/raw/fer2013/train]
-Appends a section to benchmarks/results.md.
+Usage: python benchmarks/train_speed.py [--steps 25] [--jpeg-dir data/raw/fer2013/train]
+Appends a section to benchmarks/results.md (--results elsewhere).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import gc
-import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import common
+import keras
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from fer_pipeline import params as P
+from fer_pipeline.arrays import PROCESSED_DIR, SplitArrays, load_split, save_split, split_path
+from fer_pipeline.train.precision import resolve_policy
+from fer_pipeline.train.stage import TrainResult, train_model
 
-import keras  # noqa: E402
 
-from fer_pipeline.data.arrays import load_split  # noqa: E402
-from fer_pipeline.train.config import ModelParams  # noqa: E402
-from fer_pipeline.train.data import make_dataset  # noqa: E402
-from fer_pipeline.train.models import build_model, trainable_params  # noqa: E402
-from fer_pipeline.train.precision import auto_policy  # noqa: E402
+def subset(a: SplitArrays, n: int) -> SplitArrays:
+    return SplitArrays(a.x[:n], a.y[:n], a.ids[:n], a.origin[:n], a.classes)
+
+
+def processed_subset(train: SplitArrays, n_train: int, n_val: int) -> Path:
+    d = Path(tempfile.mkdtemp(prefix="fer-speed-"))
+    save_split(split_path(d, "train"), subset(train, n_train))
+    save_split(split_path(d, "val"), subset(train, n_val))   # timing only: accuracy unused
+    return d
+
+
+def run(p: P.Params, name: str, processed: Path) -> tuple[TrainResult, list[float], float]:
+    """train_model without MLflow; (result, per-epoch seconds, wall seconds of the call)."""
+    t0 = time.perf_counter()
+    res = train_model(name, p.model(name), p.train, None, processed_dir=processed,
+                      models_dir=processed / "models", reports_dir=processed / "reports",
+                      state_dir=processed / "state")
+    wall = time.perf_counter() - t0
+    with res.history_path.open() as fh:
+        secs = [float(r["seconds"]) for r in csv.DictReader(fh)]
+    return res, secs, wall
 
 
 class EpochTimer(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.times: list[float] = []
-
     def on_epoch_begin(self, epoch, logs=None):
         self.t0 = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.perf_counter() - self.t0)
-
-
-def compiled(model):
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
-    return model
-
-
-def timed_epoch(model, ds, steps: int, batch: int) -> float:
-    """images/s of one epoch of `steps` steps (the model is already warmed up)."""
-    timer = EpochTimer()
-    model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer])
-    return steps * batch / timer.times[-1]
+        self.seconds = time.perf_counter() - self.t0
 
 
 def synthetic_jpeg_dir(root: Path, n: int = 3500) -> Path:
@@ -76,46 +78,54 @@ def synthetic_jpeg_dir(root: Path, n: int = 3500) -> Path:
     return root
 
 
-def bench_cnn(args, train) -> dict:
-    mp = ModelParams()  # the study's custom CNN, batch 64
+def baseline(mp: P.ModelParams, jpeg_dir: Path):
+    """The plain-Keras reference: JPEG folder decoded every epoch, float32, Adam."""
+    from fer_pipeline.train.models import build_model
+
+    keras.mixed_precision.set_global_policy("float32")
+    ds = keras.utils.image_dataset_from_directory(
+        jpeg_dir, labels="inferred", label_mode="int", color_mode="grayscale",
+        image_size=(48, 48), batch_size=mp.batch_size, shuffle=True, seed=0,
+        verbose=False).repeat()
+    keras.utils.set_random_seed(0)
+    model = build_model(mp, 7).model
+    model.compile(optimizer=keras.optimizers.Adam(mp.learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(ds, epochs=1, steps_per_epoch=5, verbose=0)  # trace + warm up
+    return model, ds
+
+
+def bench_cnn(args, train: SplitArrays) -> dict:
+    params = {pol: P.load(args.params, {"models.custom_cnn.epochs": 2, "train.precision": pol,
+                                        **args.overrides}) for pol in ("float32", "auto")}
+    mp = params["auto"].model("custom_cnn")
     batch = mp.batch_size
-    res: dict = {"batch": batch}
+    processed = processed_subset(train, args.steps * batch, batch)
     jpeg_dir = Path(args.jpeg_dir)
     if not jpeg_dir.is_dir():
         jpeg_dir = synthetic_jpeg_dir(Path(tempfile.mkdtemp()) / "jpeg")
-    res["jpeg_dir"] = str(jpeg_dir)
-
-    # Same model, same batch; all three configs are built and warmed up first, then timed in
-    # interleaved rounds (A B C A B C ...) so that load from other processes on this shared
+    base_model, base_ds = baseline(mp, jpeg_dir)
+    res: dict = {"batch": batch, "jpeg_dir": str(jpeg_dir),
+                 "policy": resolve_policy(params["auto"].train.precision)}
+    # Interleaved rounds (rotated order) so that load from other processes on a shared
     # machine hits every config alike; the best round of each config is reported.
-    keras.mixed_precision.set_global_policy("float32")
-    base_ds = keras.utils.image_dataset_from_directory(
-        jpeg_dir, labels="inferred", label_mode="int", color_mode="grayscale",
-        image_size=(48, 48), batch_size=batch, shuffle=True, seed=0, verbose=False).repeat()
-    ours_ds = make_dataset(train.x, train.y, batch, shuffle=True).repeat()
-    policy = auto_policy()
-    res["policy"] = policy
-    configs = {}
-    for key, pol, ds in [("baseline_fp32_folder", "float32", base_ds),
-                         ("ours_fp32_memory", "float32", ours_ds),
-                         ("ours_auto", policy, ours_ds)]:
-        keras.mixed_precision.set_global_policy(pol)
-        keras.utils.set_random_seed(0)
-        model = compiled(build_model(mp, 7).model)
-        model.fit(ds, epochs=1, steps_per_epoch=5, verbose=0)  # trace + warm up
-        configs[key] = (model, ds)
-    keras.mixed_precision.set_global_policy("float32")
-    res["params"] = trainable_params(configs["ours_auto"][0])
-    rounds: dict[str, list[float]] = {k: [] for k in configs}
-    keys = list(configs)
+    keys = ["baseline_fp32_folder", "ours_fp32_memory", "ours_auto"]
+    rounds: dict[str, list[float]] = {k: [] for k in keys}
     for r in range(args.rounds):
-        # Rotate the order each round: a finished fit's tf.data workers can linger briefly,
-        # and whichever config runs next should not always be the same one.
         for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-            model, ds = configs[key]
             gc.collect()
             time.sleep(1.0)
-            rounds[key].append(timed_epoch(model, ds, args.steps, batch))
+            if key == "baseline_fp32_folder":
+                keras.mixed_precision.set_global_policy("float32")
+                timer = EpochTimer()
+                base_model.fit(base_ds, epochs=1, steps_per_epoch=args.steps, verbose=0,
+                               callbacks=[timer])
+                rounds[key].append(args.steps * batch / timer.seconds)
+            else:
+                p = params["float32" if key == "ours_fp32_memory" else "auto"]
+                out, secs, _ = run(p, "custom_cnn", processed)
+                rounds[key].append(args.steps * batch / secs[-1])
+                res["params"] = out.metrics["trainable_params"]
         print(f"round {r + 1}:", {k: round(v[-1], 1) for k, v in rounds.items()}, flush=True)
     for key, vals in rounds.items():
         res[key] = max(vals)
@@ -123,64 +133,40 @@ def bench_cnn(args, train) -> dict:
     return res
 
 
-def bench_cache(args, train) -> dict:
-    keras.mixed_precision.set_global_policy(auto_policy())
-    mp = ModelParams(arch="vgg16", input_size=args.input_size, weights=None, dense_units=[256],
-                     batch_size=64)
-    n = args.cache_images
-    x, y = train.x[:n], train.y[:n]
-    built = build_model(mp, 7)
-    ds = make_dataset(x, y, mp.batch_size, shuffle=True)
-    full = built.model  # frozen base recomputed every epoch
-    full.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    full.fit(ds.take(2), epochs=1, verbose=0)
-    timer = EpochTimer()
-    full.fit(ds, epochs=1, verbose=0, callbacks=[timer])
-    recompute = timer.times[-1]
-    t0 = time.perf_counter()
-    feats = np.asarray(built.extractor.predict(make_dataset(x, y, 128), verbose=0), np.float32)
-    extract = time.perf_counter() - t0
-    head = built.head
-    head.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    fds = make_dataset(feats, y, mp.batch_size, shuffle=True)
-    head.fit(fds, epochs=1, verbose=0)
-    timer = EpochTimer()
-    head.fit(fds, epochs=3, verbose=0, callbacks=[timer])
-    cached = float(np.median(timer.times))
-    keras.mixed_precision.set_global_policy("float32")
-    return {"images": n, "input_size": mp.input_size, "recompute_s": recompute,
-            "extract_once_s": extract, "cached_s": cached, "ratio": recompute / cached,
-            "policy": auto_policy()}
+def bench_cache(args, train: SplitArrays) -> dict:
+    def params(cache: bool) -> P.Params:
+        return P.load(args.params, {"models.vgg16.weights": None, "models.vgg16.epochs": 3,
+                                    "models.vgg16.input_size": args.input_size,
+                                    "models.vgg16.augmentation": {},
+                                    "models.vgg16.cache_features": cache, **args.overrides})
 
-
-def machine() -> str:
-    model = "?"
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name"):
-            model = line.split(":", 1)[1].strip()
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    isa = [f for f in ("amx_bf16", "avx512_bf16", "avx512f") if f" {f}" in flags]
-    return f"{model}, {os.cpu_count()} cores, {platform.system()} ({', '.join(isa) or 'no avx512'})"
+    recompute_p, cached_p = params(False), params(True)
+    processed = processed_subset(train, args.cache_images, recompute_p.model("vgg16").batch_size)
+    _, recompute, _ = run(recompute_p, "vgg16", processed)
+    res, cached, wall = run(cached_p, "vgg16", processed)
+    return {"images": args.cache_images, "input_size": args.input_size,
+            "recompute_s": float(np.median(recompute[1:])), "cached_s": float(np.median(cached[1:])),
+            "outside_fit_s": wall - res.metrics["train_seconds"],
+            "policy": resolve_policy(cached_p.train.precision)}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=25, help="timed steps per CNN config and round")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
-    p.add_argument("--jpeg-dir", default=str(ROOT / "data/raw/fer2013/train"))
-    p.add_argument("--processed", default=str(ROOT / "data/processed/train.npz"))
-    p.add_argument("--input-size", type=int, default=64, help="VGG16 input side (quick profile)")
-    p.add_argument("--cache-images", type=int, default=2048)
-    p.add_argument("--only", choices=["cnn", "cache"], default=None)
-    p.add_argument("--out", default=str(ROOT / "benchmarks/results.md"))
-    args = p.parse_args()
-    train = load_split(args.processed)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip()
-    lines = [f"\n## {time.strftime('%Y-%m-%d %H:%M')} - commit {commit}\n",
-             f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
-             f"- machine: {machine()}; keras {keras.__version__}, "
-             f"backend {keras.backend.backend()}"]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=25, help="timed steps per CNN config and round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    ap.add_argument("--jpeg-dir", default=str(common.ROOT / "data/raw/fer2013/train"))
+    ap.add_argument("--processed", type=Path, default=common.ROOT / PROCESSED_DIR)
+    ap.add_argument("--params", type=Path, default=common.ROOT / "params.yaml")
+    ap.add_argument("-S", "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra param override for every run (e.g. a smaller width, to smoke-test)")
+    ap.add_argument("--input-size", type=int, default=64, help="VGG16 input side (quick profile)")
+    ap.add_argument("--cache-images", type=int, default=2048)
+    ap.add_argument("--only", choices=["cnn", "cache"], default=None)
+    ap.add_argument("--results", type=Path, default=common.RESULTS, help="file to append to")
+    args = ap.parse_args()
+    args.overrides = P.parse_overrides(args.sets)
+    train = load_split(split_path(args.processed, "train"))
+    lines = [f"- machine: {common.machine(keras.backend.backend())}; keras {keras.__version__}"]
     if args.only in (None, "cnn"):
         r = bench_cnn(args, train)
         lines += [
@@ -190,29 +176,24 @@ def main() -> None:
             f"ours {r['policy']} {r['ours_auto_all']} img/s):",
             f"  - baseline `image_dataset_from_directory` ({r['jpeg_dir']}), float32: "
             f"**{r['baseline_fp32_folder']:.0f} img/s**",
-            f"  - project path (in-memory arrays), float32: {r['ours_fp32_memory']:.0f} img/s "
+            f"  - `train_model` (in-memory arrays), float32: {r['ours_fp32_memory']:.0f} img/s "
             f"({r['ours_fp32_memory'] / r['baseline_fp32_folder']:.2f}x)",
-            f"  - project path, `precision: auto` = {r['policy']}: **{r['ours_auto']:.0f} img/s** "
+            f"  - `train_model`, `precision: auto` = {r['policy']}: **{r['ours_auto']:.0f} img/s** "
             f"= **{r['ours_auto'] / r['baseline_fp32_folder']:.2f}x** the baseline "
-            f"(bf16 vs fp32 same path: {r['ours_auto'] / r['ours_fp32_memory']:.2f}x)",
+            f"(same path, vs fp32: {r['ours_auto'] / r['ours_fp32_memory']:.2f}x)",
         ]
     if args.only in (None, "cache"):
         c = bench_cache(args, train)
         lines += [
             f"- frozen VGG16 base ({c['input_size']}x{c['input_size']}, {c['images']} images, "
-            f"{c['policy']}), seconds per epoch:",
-            f"  - recomputing the frozen base every epoch (= cost with augmentation on): "
-            f"{c['recompute_s']:.2f} s",
-            f"  - head on cached features: {c['cached_s']:.3f} s -> **{c['ratio']:.0f}x** faster "
-            f"per epoch; one-time feature extraction {c['extract_once_s']:.2f} s",
+            f"{c['policy']}), seconds per epoch (`train_model`, median of epochs 2-3):",
+            f"  - `cache_features: false`, base recomputed every epoch (= cost with augmentation "
+            f"on): {c['recompute_s']:.2f} s",
+            f"  - head on cached features: {c['cached_s']:.3f} s -> "
+            f"**{c['recompute_s'] / c['cached_s']:.0f}x** faster per epoch; outside fit (build, "
+            f"one-time extraction, final metrics) {c['outside_fit_s']:.2f} s",
         ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(args.out)
-    if not out.exists():
-        out.write_text("# Benchmark results\n\nAppended by `benchmarks/train_speed.py`.\n")
-    with out.open("a") as fh:
-        fh.write(text)
+    print(common.append_results("training speed", "\n".join(lines), results=args.results))
 
 
 if __name__ == "__main__":

@@ -9,47 +9,40 @@ appends the table to benchmarks/results.md; the best mode is what `evaluate.tta`
 from __future__ import annotations
 
 import argparse
-import subprocess
 import time
-from datetime import datetime
 from pathlib import Path
 
-from fer_pipeline.data.arrays import load_split
-from fer_pipeline.evaluate.metrics import predict_proba
+import common
 
-RESULTS = Path(__file__).with_name("results.md")
-MODES = ("none", "flip", "flip_crops")
+from fer_pipeline.arrays import PROCESSED_DIR, load_split, split_path
+from fer_pipeline.evaluate.metrics import predict_proba
+from fer_pipeline.params import TTA_MODES
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="fernet")
     ap.add_argument("--models-dir", default="models")
+    ap.add_argument("--processed", type=Path, default=PROCESSED_DIR)
+    ap.add_argument("--results", type=Path, default=common.RESULTS, help="file to append to")
     args = ap.parse_args()
 
     import keras
 
     model = keras.saving.load_model(Path(args.models_dir) / args.model / "model.keras")
-    val = load_split("data/processed/val.npz")
+    val = load_split(split_path(args.processed, "val"))
     rows = []
-    for mode in MODES:
+    for mode in TTA_MODES:
         t0 = time.perf_counter()
         pred = predict_proba(model, val.x, tta=mode).probs.argmax(1)
         rows.append((mode, float((pred == val.y).mean()), time.perf_counter() - t0))
         print(rows[-1], flush=True)
     best = max(rows, key=lambda r: r[1])[0]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    lines = [f"\n## {datetime.now():%Y-%m-%d %H:%M} - TTA chosen on validation ({args.model}) "
-             f"- commit {commit}\n",
-             f"- command: `python benchmarks/tta_on_val.py --model {args.model}`; "
-             f"{len(val)} validation images; test set not read\n",
+    lines = [f"- {len(val)} validation images; test set not read\n",
              "| `evaluate.tta` | val acc | seconds |", "|---|---|---|"]
     lines += [f"| {m}{' (best)' if m == best else ''} | {a:.4f} | {s:.1f} |" for m, a, s in rows]
-    text = "\n".join(lines) + "\n"
-    with RESULTS.open("a") as fh:
-        fh.write(text)
-    print(text)
+    print(common.append_results(f"TTA chosen on validation ({args.model})", "\n".join(lines),
+                                results=args.results))
     print(f"best on validation: evaluate.tta={best}")
 
 

@@ -5,7 +5,7 @@ with a `gpu` limit of 2, starts two workers on the pool's `train` queue (`--limi
 training per worker, as on a one-GPU machine), then runs fer-pipeline with dispatch="workers" on
 a synthetic copy of the project and prints which worker ran each training and when.
 
-    python flows/demo_workers.py [--models 2] [--epochs N] [--keep]
+    python -m flows.demo_workers [--models 2] [--epochs N] [--keep]   (from the repo root)
 """
 
 from __future__ import annotations
@@ -82,9 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.monotonic() - t0:5.1f}s] deployments registered; workers "
               f"{', '.join(f'{n} (pid {p})' for p, n in workers.items())} polling gpu/train")
 
-        sys.path.insert(0, str(ROOT))
+        from fer_pipeline.sandbox import make_project
         from flows.pipeline import fer_pipeline
-        from flows.sandbox import make_project
 
         project = make_project(tmp, n_models=args.models)
         t1 = time.monotonic()

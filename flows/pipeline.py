@@ -28,6 +28,8 @@ from prefect.futures import wait
 from prefect.runtime import flow_run
 
 from fer_pipeline import orchestrate as orch
+from fer_pipeline.errors import FerError, TransientError
+from fer_pipeline.tracking import git_info
 
 TRAIN_DEPLOYMENT = os.environ.get("FER_TRAIN_DEPLOYMENT", "fer-train/gpu")
 GPU_STAGES = {"train"}           # foreach stages whose items hold a GPU: tagged `gpu`
@@ -42,14 +44,13 @@ _PROJECT_LOCK = threading.Lock()
 
 
 def only_transient(task, task_run, state) -> bool:
-    """retry_condition_fn: retry a tracking-server hiccup, never a real failure."""
-    if "TransientStageError" in (state.message or ""):
-        return True
+    """retry_condition_fn: retry what may pass (TransientError: a tracking-server hiccup, a busy
+    lock), never a real failure. Decided on the exception's type, not its text."""
     try:
         exc = state.result(raise_on_failure=False)
     except Exception:  # noqa: BLE001 - result not retrievable: do not retry
         return False
-    return isinstance(exc, orch.TransientStageError)
+    return isinstance(exc, TransientError)
 
 
 def _run_id() -> str:
@@ -84,12 +85,19 @@ def fer_train(stage: str, workspace: str, project_dir: str, run_id: str) -> dict
     """One foreach item (e.g. train@vgg16) in a prepared workspace: the unit a `gpu` worker runs."""
     os.environ[orch.RUN_ID_ENV] = run_id
     started = time.time()
-    result = _tagged(stage)(stage, workspace, project_dir, run_id)
-    # Who ran it, for the parent's report (the return value itself is not persisted).
-    Path(workspace, RUN_INFO).write_text(json.dumps({
-        "host": socket.gethostname(), "pid": os.getpid(), "worker_pid": os.getppid(),
-        "flow_run": flow_run.name, "started": started, "ended": time.time()}))
-    return result
+    # Who ran it, for the parent's report (the return value itself is not persisted), and on a
+    # failure whether it may pass: the parent sees this run's state, not the exception's type.
+    info: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(),
+                            "worker_pid": os.getppid(), "flow_run": flow_run.name,
+                            "started": started}
+    try:
+        return _tagged(stage)(stage, workspace, project_dir, run_id)
+    except FerError as exc:
+        info["error"] = {"transient": exc.transient, "message": str(exc)}
+        raise
+    finally:
+        info["ended"] = time.time()
+        Path(workspace, RUN_INFO).write_text(json.dumps(info))
 
 
 def _tagged(stage: str):
@@ -111,20 +119,23 @@ def parallel_stage(stage: str, project_dir: str, run_id: str, dispatch: str) -> 
     if dispatch == "workers":
         from prefect.deployments import run_deployment
 
+        Path(ws, RUN_INFO).unlink(missing_ok=True)   # a retry must not read the last try's
         child = run_deployment(TRAIN_DEPLOYMENT, timeout=None, poll_interval=2,
                                parameters={"stage": stage, "workspace": ws,
                                            "project_dir": project_dir, "run_id": run_id},
                                flow_run_name=f"{stage}")
+        info_file = Path(ws, RUN_INFO)
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         if not child.state or not child.state.is_completed():
             msg = (child.state.message if child.state else "") or "no state"
-            cls = orch.TransientStageError if "TransientStageError" in msg else orch.StageFailed
-            raise cls(stage, 1, [f"fer-train run {child.name} ended {child.state.name}: {msg}"])
+            error = info.get("error") or {}
+            cls = orch.TransientStageError if error.get("transient") else orch.StageFailed
+            state_name = child.state.name if child.state else "without a state"
+            raise cls(stage, 1, [f"fer-train run {child.name} ended {state_name}: "
+                                 f"{error.get('message') or msg}"])
         # The child's return value is not persisted (no result storage needed): report its run.
         result = {"stage": stage, "status": "ran", "workspace": ws, "flow_run": child.name,
-                  "seconds": round(child.total_run_time.total_seconds(), 1)}
-        info = Path(ws, RUN_INFO)
-        if info.is_file():
-            result.update(json.loads(info.read_text()))
+                  "seconds": round(child.total_run_time.total_seconds(), 1), **info}
     else:
         result = _tagged(stage)(stage, ws, project_dir, run_id)
     with _PROJECT_LOCK:
@@ -163,14 +174,14 @@ def fer_pipeline(
     root = str(Path(project_dir or os.environ.get("FER_PROJECT_DIR") or ".").resolve())
     run_id = _run_id()
     os.environ[orch.RUN_ID_ENV] = run_id
-    git = orch.git_info(root)
+    git = git_info(root)
     logger.info("project %s, git %s (dirty: %s), %s=%s", root, git["commit"], git["dirty"],
                 orch.RUN_ID_ENV, run_id)
 
     all_models = orch.model_names(root)
     unknown = sorted(set(models or []) - set(all_models))
     if unknown:
-        raise ValueError(f"unknown model(s) {unknown}; params.yaml models: {all_models}")
+        raise FerError(f"unknown model(s) {unknown}; params.yaml models: {all_models}")
     params = orch.build_overrides(overrides, models=models, epochs=epochs,
                                   max_per_class=max_per_class, profile=profile, root=root)
     params_file = Path(root, "params.yaml")
@@ -251,14 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dispatch", choices=["local", "workers"], default="local")
     ap.add_argument("--no-experiment", action="store_true", help="skip `dvc exp save`")
     args = ap.parse_args(argv)
-    import yaml
+    from fer_pipeline.params import parse_overrides
 
-    overrides = {}
-    for item in args.sets:
-        key, sep, value = item.partition("=")
-        if not sep:
-            ap.error(f"-S wants KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
+    try:
+        overrides = parse_overrides(args.sets)
+    except FerError as exc:
+        ap.error(str(exc))
     state = fer_pipeline(project_dir=args.project_dir, overrides=overrides or None,
                          models=args.models, epochs=args.epochs, max_per_class=args.max_per_class,
                          profile=args.profile, dispatch=args.dispatch,

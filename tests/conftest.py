@@ -1,4 +1,8 @@
-"""Shared fixtures. Real services only: tests start their own MLflow/Prefect servers."""
+"""Shared fixtures. Real services only: tests start their own MLflow/Prefect servers.
+
+The one MLflow-server fixture (`mlflow_server`) and the one params builder
+(`fer_pipeline.sandbox.tiny_params`, through `params_file`) live here for every test package.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fer_pipeline.sandbox import tiny_params
 from fer_pipeline.synthetic import make_raw_tree
-from project import tiny_params
 
 # Subprocesses (dvc stages call `fer`) must find this venv's console scripts.
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
@@ -26,6 +30,7 @@ def raw_tree(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def params_file(tmp_path: Path, raw_tree: Path) -> Path:
+    """The project's params.yaml with bounds shrunk for `raw_tree`."""
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(tiny_params(raw_tree)))
     return path

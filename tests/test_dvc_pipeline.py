@@ -3,16 +3,11 @@
 import json
 import shutil
 import subprocess
-import sys
 
 import yaml
 
-from fer_pipeline.data.arrays import load_split
-from project import ROOT
-
-sys.path.insert(0, str(ROOT))
-
-from flows.sandbox import make_project, sh  # noqa: E402
+from fer_pipeline.arrays import load_split
+from fer_pipeline.sandbox import make_project, sh
 
 
 def test_dvc_repro_data_stages_then_nothing_then_only_split(tmp_path):

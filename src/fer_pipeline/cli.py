@@ -1,60 +1,174 @@
-"""`fer` console script: one subcommand per pipeline stage.
+"""`fer`: one subcommand per pipeline stage, plus `predict` and `run`.
 
-Each subcommand lives in its stage's module as `add_cli(subparsers)` that registers a parser
-with `func=` set; this file only lists the modules, so heavy imports (TensorFlow, MLflow, GX)
-happen only for the stage that runs.
+The only module that knows argparse. Each handler loads params.yaml once (`params.load`) and
+calls its stage's one function; stage modules are imported inside the handler, so a stage
+loads only its own code (what dvc.yaml lists as its deps) and `fer --help` stays fast. Errors
+the user can act on (`FerError`) print as one line; anything else is a bug and shows its
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import logging
+import os
 import sys
+from pathlib import Path
 
-# (subcommand, module that defines add_cli). Order = pipeline order in --help.
-COMMANDS: list[tuple[str, str]] = [
-    ("validate", "fer_pipeline.data.validate"),
-    ("clean", "fer_pipeline.data.clean"),
-    ("split", "fer_pipeline.data.split"),
-    ("train", "fer_pipeline.train.stage"),
-    ("evaluate", "fer_pipeline.evaluate.stage"),
-    ("predict", "fer_pipeline.predict"),
-    ("run", "fer_pipeline.profiles"),
-]
+from fer_pipeline import params as P
+from fer_pipeline.errors import ERROR_FILE_ENV, EXIT_ERROR, EXIT_TRANSIENT, FerError
+
+PROCESSED_DIR = Path("data/processed")   # dvc.yaml's split outs (arrays.PROCESSED_DIR; not imported:
+                                         # every stage would then load arrays.py)
 
 
-class StageError(RuntimeError):
-    """A stage failed for a reason the user can act on; printed without a traceback."""
+def _validate(args: argparse.Namespace) -> None:
+    p = P.load(args.params)
+    from fer_pipeline.data.validate import validate_dataset
+
+    validate_dataset(Path(p.data.raw_dir), p.data, p.validate, args.manifest, args.reports)
 
 
-def _lazy_parser(sub: argparse._SubParsersAction, name: str, module: str) -> None:
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("fer_pipeline"):
-            return  # stage not implemented yet
-        raise
-    mod.add_cli(sub)
+def _clean(args: argparse.Namespace) -> None:
+    p = P.load(args.params)
+    from fer_pipeline.data.clean import run_clean
+
+    run_clean(args.manifest, args.report, args.summary, p.data, p.clean)
 
 
-def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+def _split(args: argparse.Namespace) -> None:
+    p = P.load(args.params)
+    from fer_pipeline.data.split import run_split
+
+    run_split(args.report, args.out, args.counts, p.data, p.clean, p.split)
+
+
+def _train(args: argparse.Namespace) -> None:
+    p = P.load(args.params)
+    names = list(p.models) if args.all else args.model
+    if not names:
+        raise FerError("give --model NAME (repeatable) or --all")
+    recipes = {n: p.model(n) for n in names}   # every name checked before anything trains
+    from fer_pipeline.train.stage import train_model
+
+    for name, recipe in recipes.items():
+        train_model(name, recipe, p.train, p.mlflow, processed_dir=args.processed_dir)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    p = P.load(args.params)
+    from fer_pipeline.evaluate.stage import evaluate_models
+
+    result = evaluate_models(p.models, p.train, p.mlflow, p.evaluate, p.registry,
+                             names=args.model, register=False if args.no_register else None)
+    print((result.reports_dir / "comparison.md").read_text())
+
+
+def _predict(args: argparse.Namespace) -> int:
+    # Outside a project (no params.yaml) predict still works, with the declared defaults.
+    p = P.load(args.params) if args.params != "params.yaml" or Path(args.params).is_file() \
+        else P.Params()
+    from fer_pipeline.predict import predict_files
+
+    report = predict_files(args.paths, args.model, p.data.classes, p.registry, p.mlflow,
+                           detect=not args.no_detect, annotate_out=args.annotate)
+    for r in report["results"]:
+        if not r["ok"]:
+            print(f"fer predict: {r['path']}: {r['error']}", file=sys.stderr)
+        elif not r["faces"]:
+            print(f"fer predict: {r['path']}: no face found", file=sys.stderr)
+    print(json.dumps(report, indent=2))
+    return 0 if any(r["ok"] for r in report["results"]) else 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    import shlex
+    import subprocess
+
+    from fer_pipeline.profiles import dvc_command, load_profile
+
+    overrides = {**(load_profile(args.profile) if args.profile else {}),
+                 **P.parse_overrides(args.sets)}
+    P.load(args.params, overrides)   # a typo fails here, not inside `dvc exp run`
+    cmd = dvc_command(overrides, args.targets, args.queue)
+    print("$ " + shlex.join(cmd), flush=True)
+    return 0 if args.dry else subprocess.call(cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fer", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and tracebacks for user errors too")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    wanted = next((a for a in argv if not a.startswith("-")), None)
-    for name, module in COMMANDS:
-        # Import only the requested stage's module (fast start); all of them for --help.
-        if wanted in (None, name) or wanted not in dict(COMMANDS):
-            _lazy_parser(sub, name, module)
+
+    p = sub.add_parser("validate", help="measure the raw files and run the GX suite")
+    p.add_argument("--manifest", type=Path, default=Path("data/interim/manifest.csv"))
+    p.add_argument("--reports", type=Path, default=Path("reports/validate"))
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("clean", help="decide kept/dropped for every raw file")
+    p.add_argument("--manifest", type=Path, default=Path("data/interim/manifest.csv"))
+    p.add_argument("--report", type=Path, default=Path("data/interim/clean_report.csv"))
+    p.add_argument("--summary", type=Path, default=Path("reports/clean/summary.json"))
+    p.set_defaults(func=_clean)
+
+    p = sub.add_parser("split", help="stratified train/val split; write uint8 arrays")
+    p.add_argument("--report", type=Path, default=Path("data/interim/clean_report.csv"))
+    p.add_argument("--out", type=Path, default=PROCESSED_DIR)
+    p.add_argument("--counts", type=Path, default=Path("reports/split/counts.json"))
+    p.set_defaults(func=_split)
+
+    p = sub.add_parser("train", help="train models.<NAME> on the split arrays (MLflow)")
+    p.add_argument("--model", action="append", metavar="NAME",
+                   help="model key under `models:` in params.yaml (repeatable)")
+    p.add_argument("--all", action="store_true", help="train every model in params.yaml")
+    p.add_argument("--processed-dir", type=Path, default=PROCESSED_DIR,
+                   help="directory of train/val npz (default: %(default)s)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="score trained models on the test split, compare, "
+                                        "register the champion")
+    p.add_argument("--model", action="append", metavar="NAME",
+                   help="evaluate only this model (repeatable; default: every trained model)")
+    p.add_argument("--no-register", action="store_true",
+                   help="do not touch the model registry (params registry.enabled=false does too)")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("predict", help="classify the emotion of faces in photos (JSON)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files (photos or 48x48 crops)")
+    p.add_argument("--model", default=None,
+                   help="local .keras file, MLflow model folder or MLflow URI "
+                        "(default: models:/<registry.model_name>@<registry.champion_alias>)")
+    p.add_argument("--annotate", metavar="OUT", default=None,
+                   help="write the photo with boxes and labels: a file for one input, else a "
+                        "folder (<stem>_annotated.png)")
+    p.add_argument("--no-detect", action="store_true",
+                   help="no face detection: classify each whole image as one face")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("run", help="run the pipeline as a DVC experiment, optionally with a profile")
+    p.add_argument("--profile", help="profile name from profiles/ (e.g. quick)")
+    p.add_argument("-S", "--set", dest="sets", action="append", default=[],
+                   metavar="KEY=VALUE", help="extra param override (repeatable)")
+    p.add_argument("--queue", action="store_true", help="queue instead of running now")
+    p.add_argument("--dry", action="store_true", help="print the dvc command only")
+    p.add_argument("targets", nargs="*", help="stages to run (default: the whole pipeline)")
+    p.set_defaults(func=_run)
     return parser
 
 
+def _report_error(exc: FerError) -> None:
+    """Tell a runner the error's type (it sees `dvc repro`'s output, not our exit status)."""
+    path = os.environ.get(ERROR_FILE_ENV)
+    if path:
+        Path(path).write_text(json.dumps({"type": type(exc).__name__,
+                                          "transient": exc.transient, "message": str(exc)}))
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
@@ -64,13 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
-    except (StageError, FileNotFoundError, ValueError) as exc:
-        if args.verbose:  # a bug that raises ValueError must stay debuggable
+    except FerError as exc:
+        if args.verbose:
             import traceback
 
             traceback.print_exc()
+        _report_error(exc)
         print(f"fer {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_TRANSIENT if exc.transient else EXIT_ERROR
     except KeyboardInterrupt:
         print(f"fer {args.command}: interrupted", file=sys.stderr)
         return 130

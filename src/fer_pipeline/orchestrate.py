@@ -30,37 +30,32 @@ from typing import Any
 
 import yaml
 
-from fer_pipeline.params import set_dotted
+from fer_pipeline import params as P
+from fer_pipeline.champion import choose_champion
+from fer_pipeline.errors import ERROR_FILE_ENV, FerError, TransientError
+from fer_pipeline.profiles import load_profile
+from fer_pipeline.tracking import RUN_ID_ENV, resolve_tracking_uri
 
-RUN_ID_ENV = "FER_PIPELINE_RUN_ID"
+__all__ = ["RUN_ID_ENV"]   # re-exported for the flows: the one run-id variable
 WORKSPACE_ENV = "FER_WORKSPACE_DIR"
 
-# Output that means "try again later", not "the data/code is wrong". Matched on the failing
-# stage's last lines only. MLflow's probe says "... is unreachable: ..." (train/tracking.py).
-TRANSIENT = re.compile(
-    r"is unreachable|connection refused|connection reset|connection aborted|"
-    r"temporarily unavailable|temporary failure in name resolution|max retries exceeded|"
-    r"read timed out|503 service unavailable|502 bad gateway|504 gateway time-?out|"
-    r"unable to acquire lock|database is locked",
-    re.IGNORECASE,
-)
+# The one failure `fer` cannot report itself: DVC's own repo lock is busy (another dvc process
+# in the same workspace). Everything else is classified by the type `fer` reports (FerError ->
+# ERROR_FILE_ENV), never by searching the output.
+DVC_LOCK_BUSY = re.compile(r"unable to acquire lock", re.IGNORECASE)
 ERROR_LINE = re.compile(r"error|failed|exception|traceback", re.IGNORECASE)
 
 
-class StageFailed(RuntimeError):
+class StageFailed(FerError):
     """A stage exited non-zero; the message holds the stage's own error lines."""
-
-    transient = False
 
     def __init__(self, stage: str, returncode: int, tail: list[str]):
         self.stage, self.returncode, self.tail = stage, returncode, tail
         super().__init__(f"stage '{stage}' failed (exit {returncode}):\n" + "\n".join(error_lines(tail)))
 
 
-class TransientStageError(StageFailed):
+class TransientStageError(StageFailed, TransientError):
     """A stage failed for a reason that may pass (tracking server down, lock busy): retry."""
-
-    transient = True
 
 
 @dataclass
@@ -87,10 +82,27 @@ def error_lines(tail: list[str], keep: int = 25, window: int = 80) -> list[str]:
     return block
 
 
-def classify(stage: str, returncode: int, tail: list[str]) -> StageFailed:
-    text = "\n".join(tail[-40:])
-    cls = TransientStageError if TRANSIENT.search(text) else StageFailed
-    return cls(stage, returncode, tail)
+def classify(stage: str, returncode: int, tail: list[str],
+             reported: dict[str, Any] | None = None) -> StageFailed:
+    """StageFailed, or TransientStageError when `fer` reported a TransientError (its
+    ERROR_FILE_ENV record) or DVC's own lock was busy."""
+    if reported is not None:
+        transient = bool(reported.get("transient"))
+    else:
+        transient = bool(DVC_LOCK_BUSY.search("\n".join(tail[-40:])))
+    return (TransientStageError if transient else StageFailed)(stage, returncode, tail)
+
+
+def read_reported_error(path: str | Path) -> dict[str, Any] | None:
+    """What `fer` wrote to ERROR_FILE_ENV on a FerError; None when it wrote nothing."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    try:
+        return json.loads(text) if text.strip() else None
+    except json.JSONDecodeError:
+        return None
 
 
 # ---- the stage list, read from dvc.yaml (+ params for foreach) -----------------------------
@@ -151,26 +163,13 @@ def stage_env(root: str | Path, run_id: str | None = None,
     if run_id:
         env[RUN_ID_ENV] = run_id
     if not env.get("MLFLOW_TRACKING_URI"):
-        uri = _params_tracking_uri(root)
-        if uri:
-            env["MLFLOW_TRACKING_URI"] = uri
+        env["MLFLOW_TRACKING_URI"] = resolve_tracking_uri(load_params(root).mlflow.tracking_uri, root)
     return env
 
 
-def _params_tracking_uri(root: str | Path) -> str | None:
-    try:
-        raw = yaml.safe_load((Path(root) / "params.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return None
-    uri = (raw.get("mlflow") or {}).get("tracking_uri")
-    if not uri:
-        return None
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str((Path(root) / uri[len(prefix):]).resolve())
-    if "://" not in uri:
-        return str((Path(root) / uri).resolve())
-    return uri
+def load_params(root: str | Path) -> P.Params:
+    """The project's params.yaml, typed (a typo fails here, before any stage runs)."""
+    return P.load(Path(root) / "params.yaml")
 
 
 _INIT_TRACKING = (
@@ -186,8 +185,7 @@ def init_tracking_store(root: str | Path, env: dict[str, str]) -> None:
     uri = env.get("MLFLOW_TRACKING_URI") or ""
     if not uri.startswith("sqlite:"):
         return
-    raw = yaml.safe_load((Path(root) / "params.yaml").read_text()) or {}
-    experiment = (raw.get("mlflow") or {}).get("experiment") or "fer-emotion"
+    experiment = load_params(root).mlflow.experiment
     subprocess.run([sys.executable, "-c", _INIT_TRACKING, uri, experiment], env=env,
                    capture_output=True, text=True, timeout=600)
 
@@ -203,18 +201,25 @@ def run_stage(stage: str, cwd: str | Path, env: dict[str, str] | None = None,
     start = time.monotonic()
     tail: collections.deque[str] = collections.deque(maxlen=300)
     log(f"$ dvc {' '.join(cmd[1:])}   (in {cwd})")
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        line = raw.rstrip("\n")
-        tail.append(line)
-        log(line)
-    rc = proc.wait()
+    fd, error_file = tempfile.mkstemp(prefix="fer-error-", suffix=".json")
+    os.close(fd)
+    env = {**(os.environ if env is None else env), ERROR_FILE_ENV: error_file}
+    try:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip("\n")
+            tail.append(line)
+            log(line)
+        rc = proc.wait()
+        reported = read_reported_error(error_file)
+    finally:
+        os.unlink(error_file)
     seconds = time.monotonic() - start
     lines = list(tail)
     if rc != 0:
-        raise classify(stage, rc, lines)
+        raise classify(stage, rc, lines, reported)
     ran = any(f"Running stage '{stage}'" in ln for ln in lines)
     return StageResult(stage, "ran" if ran else "skipped", seconds, lines=lines)
 
@@ -227,10 +232,7 @@ def build_overrides(overrides: dict[str, Any] | None = None, *, models: Iterable
     """Flat {dotted.key: value}: profile first, then the named shortcuts, then `overrides`."""
     out: dict[str, Any] = {}
     if profile:
-        path = Path(root) / "profiles" / f"{profile}.yaml"
-        if not path.is_file():
-            raise ValueError(f"unknown profile {profile!r}: {path} not found")
-        out.update(yaml.safe_load(path.read_text()) or {})
+        out.update(load_profile(profile, Path(root) / "profiles"))
     if max_per_class is not None:
         out["data.max_per_class"] = max_per_class
     if epochs is not None:
@@ -242,18 +244,19 @@ def build_overrides(overrides: dict[str, Any] | None = None, *, models: Iterable
 
 
 def model_names(root: str | Path) -> list[str]:
-    raw = yaml.safe_load((Path(root) / "params.yaml").read_text()) or {}
-    return list(raw.get("models") or {})
+    return list(load_params(root).models)
 
 
 def apply_overrides(root: str | Path, overrides: dict[str, Any]) -> dict[str, list[Any]]:
     """Write overrides into the workspace's params.yaml (comments kept). Returns changed keys
-    as {key: [old, new]}; the file is left untouched when nothing changes."""
+    as {key: [old, new]}; the file is left untouched when nothing changes. Every key and value
+    is checked by the params loader first: a typo fails naming the key, and nothing is written."""
     if not overrides:
         return {}
     from ruamel.yaml import YAML  # a DVC dependency; round-trips comments
 
     path = Path(root) / "params.yaml"
+    P.load(path, overrides)
     ryaml = YAML()
     ryaml.preserve_quotes = True
     data = ryaml.load(path.read_text())
@@ -261,7 +264,7 @@ def apply_overrides(root: str | Path, overrides: dict[str, Any]) -> dict[str, li
     for key, value in overrides.items():
         old = _get_dotted(data, key)
         if old != value:
-            set_dotted(data, key, value)
+            P.set_dotted(data, key, value)
             changed[key] = [_plain(old), value]
     if changed:
         with path.open("w") as fh:
@@ -383,16 +386,6 @@ def run_stage_isolated(root: str | Path, stage: str, env: dict[str, str] | None 
 
 # ---- run identity and reports -----------------------------------------------------------------
 
-def git_info(root: str | Path) -> dict[str, str]:
-    def git(*args: str) -> str:
-        res = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-        return res.stdout.strip() if res.returncode == 0 else ""
-
-    commit = git("rev-parse", "HEAD") or "unknown"
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return {"commit": commit, "dirty": str(dirty).lower(), "branch": git("branch", "--show-current")}
-
-
 def save_experiment(root: str | Path, name: str) -> str | None:
     """`dvc exp save -n NAME`: the workspace (params, dvc.lock, metrics) as a DVC experiment."""
     res = dvc("exp", "save", "--force", "-n", name, cwd=root, check=False)
@@ -418,7 +411,7 @@ def comparison_markdown(root: str | Path) -> str:
         return "_No model metrics yet._\n"
     keys = [k for k in ("val_accuracy", "val_loss", "best_epoch", "epochs_run", "train_seconds")
             if any(k in m for _, m in rows)]
-    best = max(rows, key=lambda r: r[1].get("val_accuracy", float("-inf")))[0]
+    best = choose_champion(dict(rows))
     lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, m in rows:
         cells = [_fmt(m.get(k)) for k in keys]

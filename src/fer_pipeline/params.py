@@ -1,33 +1,47 @@
-"""Typed view of params.yaml.
+"""params.yaml, typed: the one reader of the file, for the CLI, flows, benchmarks and tests.
 
-params.yaml is loaded once per process into frozen dataclasses, so a typo in a key fails at
-start-up with the key's name instead of silently using a default deep inside a stage.
+`load(path, overrides)` reads params.yaml once into frozen dataclasses. Every section and key
+is declared here: an unknown key at any depth fails with its dotted name and the closest valid
+one (`registy` -> "did you mean registry?"), and so does an override (`models.fernt.epochs=1`
+cannot create a model). Dataclass defaults equal params.yaml's values (a test checks it); the
+file states them all. This module imports nothing from the stages.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from fer_pipeline.errors import ParamsError
+
 DEFAULT_PARAMS = Path("params.yaml")
+ARCHS = ("custom_cnn", "vgg16", "resnet50", "fernet")
+TRANSFER_ARCHS = ("vgg16", "resnet50")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+TTA_MODES = ("none", "flip", "flip_crops")
 
 
-class ParamsError(ValueError):
-    """params.yaml has a missing, unknown or mistyped key."""
+def _choice(name: str, value: Any, allowed: Iterable[str]) -> None:
+    if value not in allowed:
+        raise ParamsError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
 
+
+# ---- data stages ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class DataParams:
     raw_dir: str = "data/raw/fer2013"
     classes: list[str] = field(
-        default_factory=lambda: ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
-    )
+        default_factory=lambda: ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"])
     splits: list[str] = field(default_factory=lambda: ["train", "test"])
     image_size: int = 48
     max_per_class: int | None = None
@@ -37,9 +51,7 @@ class DataParams:
 class ValidateParams:
     allowed_extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png"])
     class_count_min: dict[str, int] = field(default_factory=lambda: {"train": 300, "test": 80})
-    class_count_max: dict[str, int] = field(
-        default_factory=lambda: {"train": 10000, "test": 2500}
-    )
+    class_count_max: dict[str, int] = field(default_factory=lambda: {"train": 10000, "test": 2500})
     max_bad_file_fraction: float = 0.01
     blank_std_threshold: float = 2.0
     max_duplicate_fraction: float = 0.1
@@ -56,8 +68,8 @@ class CleanParams:
     drop_test_leak: bool = True
 
     def __post_init__(self) -> None:
-        _choice("clean.color_policy", self.color_policy, {"convert", "drop"})
-        _choice("clean.size_policy", self.size_policy, {"drop", "resize"})
+        _choice("color_policy", self.color_policy, {"convert", "drop"})
+        _choice("size_policy", self.size_policy, {"drop", "resize"})
 
 
 @dataclass(frozen=True)
@@ -67,8 +79,138 @@ class SplitParams:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
-            raise ParamsError(f"split.val_fraction must be in (0, 1), got {self.val_fraction}")
+            raise ParamsError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
+
+# ---- training -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AugmentParams:
+    rotation: float = 0.0          # max rotation, degrees
+    width_shift: float = 0.0       # max horizontal shift, fraction of width
+    height_shift: float = 0.0      # max vertical shift, fraction of height
+    shear: float = 0.0             # max shear factor (keras RandomShear x/y factor)
+    zoom: float = 0.0              # max zoom in/out, fraction
+    horizontal_flip: bool = False
+    fill_mode: str = "nearest"     # constant | nearest | reflect | wrap
+    contrast: float = 0.0          # max random contrast change, fraction
+    random_erasing: float = 0.0    # probability of erasing one random rectangle (2-33% of area)
+
+    def __post_init__(self) -> None:
+        _choice("fill_mode", self.fill_mode, {"constant", "nearest", "reflect", "wrap"})
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rotation or self.width_shift or self.height_shift or self.shear
+                    or self.zoom or self.horizontal_flip or self.contrast or self.random_erasing)
+
+
+@dataclass(frozen=True)
+class ReduceLRParams:
+    factor: float = 0.2
+    patience: int = 6
+    min_delta: float = 1e-4
+    min_lr: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """One model's recipe. Defaults: the study's custom CNN; keys a recipe does not need
+    (weight decay, schedules, transfer options) default to "off"."""
+
+    arch: str = "custom_cnn"
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "adam"                 # adam | adamw | sgd (momentum 0.9, nesterov) | rmsprop
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0               # decoupled weight decay (adamw, sgd)
+    lr_schedule: str = "plateau"            # plateau (ReduceLROnPlateau, the study) | cosine
+    warmup_epochs: int = 0                  # cosine: linear warm-up epochs
+    label_smoothing: float = 0.0            # cross-entropy label smoothing
+    blocks_per_stage: int = 2               # fernet: conv blocks per resolution stage
+    width: float = 1.0                      # multiplier on conv filters and dense units (tests)
+    conv_filters: list[int] = field(default_factory=lambda: [32, 64, 128, 512])
+    dense_units: list[int] = field(default_factory=lambda: [887])
+    dropout: float = 0.5
+    input_size: int = 224                   # transfer models: side the 48x48 input is resized to
+    weights: str | None = None              # imagenet | null | path to a local .h5/.keras file
+    freeze_base: bool = True                # transfer models: base frozen, only the head trains
+    preprocessing: str = "rescale"          # rescale (x/255, the study) | base (network's own)
+    augmentation: AugmentParams = field(default_factory=AugmentParams)
+    class_weights: bool = False             # balanced class weights over the training split
+    monitor: str = "val_accuracy"           # best-model / early-stopping criterion
+    early_stopping_patience: int = 10
+    reduce_lr: ReduceLRParams = field(default_factory=ReduceLRParams)
+    cache_features: bool = True             # frozen base + no augmentation: base runs once
+
+    def __post_init__(self) -> None:
+        _choice("arch", self.arch, ARCHS)
+        _choice("optimizer", self.optimizer, {"adam", "adamw", "sgd", "rmsprop"})
+        _choice("lr_schedule", self.lr_schedule, {"plateau", "cosine"})
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ParamsError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _choice("preprocessing", self.preprocessing, {"rescale", "base"})
+        _choice("monitor", self.monitor, {"val_accuracy", "val_loss"})
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ParamsError("epochs and batch_size must be >= 1")
+        if self.arch in TRANSFER_ARCHS and self.input_size < 32:
+            raise ParamsError(f"input_size must be >= 32 for {self.arch}, got {self.input_size}")
+
+    @property
+    def is_transfer(self) -> bool:
+        return self.arch in TRANSFER_ARCHS
+
+    @property
+    def uses_feature_cache(self) -> bool:
+        return (self.is_transfer and self.freeze_base and self.cache_features
+                and not self.augmentation.enabled)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    precision: str = "auto"                 # auto | float32 | mixed_bfloat16 | mixed_float16
+    seed: int = 42
+    models_dir: str = "models"              # models/<name>/model.keras
+    reports_dir: str = "reports/train"      # reports/train/<name>/{metrics.json,history.csv}
+    state_dir: str = ".cache/train"         # resume state, outside DVC outs
+    verbose: int = 0                        # keras fit verbosity (0: only our per-epoch line)
+
+    def __post_init__(self) -> None:
+        _choice("precision", self.precision, PRECISIONS)
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    tracking_uri: str = "sqlite:///mlflow.db"   # env MLFLOW_TRACKING_URI wins over this
+    experiment: str = "fer-emotion"
+    log_model: bool = True
+    probe_timeout_s: float = 3.0
+
+
+# ---- evaluation and registry ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    test_path: str = "data/processed/test.npz"   # the only reader of the test split
+    reports_dir: str = "reports/evaluate"
+    batch_size: int = 256                        # inference batch (and the speed measurement)
+    tta: str = "flip_crops"                      # none | flip (image + mirror) | flip_crops (10 views)
+
+    def __post_init__(self) -> None:
+        _choice("tta", self.tta, TTA_MODES)
+        if self.batch_size < 1:
+            raise ParamsError("batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class RegistryParams:
+    enabled: bool = True                 # register the champion in the MLflow model registry
+    model_name: str = "fer-emotion"      # registered model name
+    champion_alias: str = "champion"     # the version `fer predict` loads by default
+    previous_alias: str = "previous"     # the champion it replaced (rollback target)
+
+
+# ---- the root -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Params:
@@ -76,32 +218,50 @@ class Params:
     validate: ValidateParams = field(default_factory=ValidateParams)
     clean: CleanParams = field(default_factory=CleanParams)
     split: SplitParams = field(default_factory=SplitParams)
-    # Sections owned by later stages are kept as raw dicts here and typed by their own
-    # modules (train/evaluate), so the data stages do not import TensorFlow-side code.
-    extra: dict[str, Any] = field(default_factory=dict)
+    train: TrainParams = field(default_factory=TrainParams)
+    models: dict[str, ModelParams] = field(default_factory=dict)
+    mlflow: MlflowParams = field(default_factory=MlflowParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    registry: RegistryParams = field(default_factory=RegistryParams)
+
+    def model(self, name: str) -> ModelParams:
+        if name not in self.models:
+            raise ParamsError(f"no models.{name} in params{_did_you_mean(name, self.models)} "
+                              f"(have: {', '.join(self.models) or 'none'})")
+        return self.models[name]
 
 
-def _choice(name: str, value: str, allowed: set[str]) -> None:
-    if value not in allowed:
-        raise ParamsError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
+# ---- building typed objects from YAML -------------------------------------------------------
+
+def _did_you_mean(key: str, valid: Iterable[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
-def build(cls: type, raw: Any, where: str) -> Any:
-    """Build dataclass `cls` from a dict, rejecting unknown keys and wrong types."""
+def _dotted(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def build(cls: type, raw: Any, where: str = "") -> Any:
+    """Dataclass `cls` from a mapping; unknown keys and wrong types fail by dotted name."""
     if raw is None:
         raw = {}
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{where} must be a mapping, got {type(raw).__name__}")
+    if not isinstance(raw, Mapping):
+        raise ParamsError(f"{where or 'params'} must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ParamsError(f"unknown key(s) in {where}: {', '.join(unknown)}")
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in raw.items()}
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            prefix = f"{where}." if where else ""
+            raise ParamsError(f"unknown key {_dotted(where, str(key))}"
+                              f"{_did_you_mean(str(key), names, prefix)}")
+    kwargs = {k: _coerce(hints[k], v, _dotted(where, k)) for k, v in raw.items()}
     try:
         return cls(**kwargs)
-    except TypeError as exc:  # missing required field
-        raise ParamsError(f"{where}: {exc}") from exc
+    except ParamsError as exc:   # a check in __post_init__: name the key by its full path
+        text = str(exc)
+        joined = f"{where}.{text}" if text.split(" ", 1)[0] in names else f"{where}: {text}"
+        raise ParamsError(joined if where else text) from None
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
@@ -122,48 +282,121 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is list:
         if not isinstance(value, list):
             raise ParamsError(f"{where} must be a list, got {value!r}")
-        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
-        if not isinstance(value, dict):
+        if not isinstance(value, Mapping):
             raise ParamsError(f"{where} must be a mapping, got {value!r}")
-        return {k: _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()} if args else value
-    if tp is Any:
-        return value
+        return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise ParamsError(f"{where} must be {tp.__name__}, got {value!r}")
         return value
-    return value
+    raise TypeError(f"params.py: unsupported type {tp!r} for {where}")  # a bug here, not input
 
+
+# ---- overrides (`key=value`, as `dvc exp run -S` takes them) ----------------------------------
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """["a.b=1", "c=[x, y]"] -> {"a.b": 1, "c": ["x", "y"]}; values are YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ParamsError(f"override {item!r} must look like KEY=VALUE (e.g. models.fernet.epochs=1)")
+        try:
+            out[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"override {item!r}: value is not valid YAML ({exc})") from None
+    return out
+
+
+def check_override_key(raw: Mapping[str, Any], dotted: str) -> None:
+    """Fail unless `dotted` names a declared key: a dataclass field, or an existing entry of a
+    mapping section (`models.<name>` must already exist, so a typo cannot create a model)."""
+    tp: Any = Params
+    node: Any = raw
+    where = ""
+    for key in dotted.split("."):
+        if dataclasses.is_dataclass(tp):
+            hints = typing.get_type_hints(tp)
+            if key not in hints:
+                raise ParamsError(f"unknown key {_dotted(where, key)}"
+                                  f"{_did_you_mean(key, hints, f'{where}.' if where else '')}")
+            tp = hints[key]
+        elif typing.get_origin(tp) is dict:
+            have = list(node) if isinstance(node, Mapping) else []
+            if key not in have:
+                raise ParamsError(f"unknown key {_dotted(where, key)}"
+                                  f"{_did_you_mean(key, have, f'{where}.')} (have: "
+                                  f"{', '.join(map(str, have)) or 'none'})")
+            tp = typing.get_args(tp)[1]
+        else:
+            raise ParamsError(f"cannot set {dotted}: {where} is not a mapping")
+        node = node.get(key) if isinstance(node, Mapping) else None
+        where = _dotted(where, key)
+
+
+def set_dotted(raw: Any, dotted: str, value: Any) -> None:
+    """raw["a"]["b"]["c"] = value for "a.b.c", creating missing mappings (unchecked)."""
+    keys = dotted.split(".")
+    node = raw
+    for key in keys[:-1]:
+        if node.get(key) is None:
+            node[key] = {}
+        node = node[key]
+        if not isinstance(node, Mapping):
+            raise ParamsError(f"cannot set {dotted}: {key} is not a mapping")
+    node[keys[-1]] = value
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any] | Iterable[str] | None
+                    ) -> dict[str, Any]:
+    """A copy of `raw` with the overrides set; every key is checked first."""
+    if overrides is not None and not isinstance(overrides, Mapping):
+        overrides = parse_overrides(overrides)
+    out = copy.deepcopy(dict(raw))
+    for key, value in (overrides or {}).items():
+        try:
+            check_override_key(out, key)
+        except ParamsError as exc:
+            raise ParamsError(f"override {key}={value!r}: {exc}") from None
+        set_dotted(out, key, value)
+    return out
+
+
+# ---- loading --------------------------------------------------------------------------------
 
 def load_raw(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """params.yaml as plain YAML (for writers that keep its layout); `load` validates it."""
     path = Path(path)
     if not path.is_file():
-        raise ParamsError(f"params file not found: {path} (run from the project root)")
-    with path.open() as fh:
-        raw = yaml.safe_load(fh) or {}
+        raise ParamsError(f"params file not found: {path} (run from the project root or pass "
+                          f"--params)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path} must hold a mapping at the top level")
     return raw
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
-    raw = load_raw(path)
-    own = {"data": DataParams, "validate": ValidateParams, "clean": CleanParams,
-           "split": SplitParams}
-    typed = {k: build(cls, raw.get(k), k) for k, cls in own.items()}
-    extra = {k: v for k, v in raw.items() if k not in own}
-    return Params(**typed, extra=extra)
+def from_dict(raw: Mapping[str, Any], overrides: Mapping[str, Any] | Iterable[str] | None = None
+              ) -> Params:
+    return build(Params, apply_overrides(raw, overrides))
 
 
-def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    """Apply one `a.b.c=value` override, as `dvc exp run -S` does."""
-    keys = dotted.split(".")
-    node = raw
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ParamsError(f"cannot set {dotted}: {key} is not a mapping")
-    node[keys[-1]] = value
+def load(path: str | Path = DEFAULT_PARAMS,
+         overrides: Mapping[str, Any] | Iterable[str] | None = None) -> Params:
+    """The typed params of `path` with `overrides` ({dotted: value} or ["k=v"]) applied."""
+    try:
+        return from_dict(load_raw(path), overrides)
+    except ParamsError as exc:
+        raise ParamsError(f"{path}: {exc}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain data (for logging params to MLflow, writing a params file)."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

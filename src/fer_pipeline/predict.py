@@ -13,23 +13,27 @@ run; the exit code is 1 only when no file could be read at all or the model cann
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fer_pipeline.cli import StageError
-
-log = logging.getLogger(__name__)
+from fer_pipeline.errors import FerError
+from fer_pipeline.io import atomic_path
+from fer_pipeline.params import MlflowParams, RegistryParams
+from fer_pipeline.tracking import check_reachable, resolve_tracking_uri
 
 FACE_SIZE = 48
-DEFAULT_CLASSES = ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+# What Keras raises for a file it cannot read as a model (not a zip, foreign content).
+KERAS_LOAD_ERRORS = (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile)
+
+
+class ImageError(FerError):
+    """One input file cannot be used (missing, not an image, annotation not writable): it is
+    reported in that file's result and the other files still run."""
 
 
 @dataclass
@@ -50,67 +54,71 @@ class Classifier:
         return np.asarray(getattr(out, "values", out), dtype=np.float32)
 
 
-def default_model_uri(params_path: str | Path = "params.yaml") -> str:
-    reg = _params_section(params_path, "registry")
-    return f"models:/{reg.get('model_name', 'fer-emotion')}@{reg.get('champion_alias', 'champion')}"
+def default_model_uri(registry: RegistryParams) -> str:
+    return f"models:/{registry.model_name}@{registry.champion_alias}"
 
 
-def _params_section(params_path: str | Path, key: str) -> dict[str, Any]:
-    try:
-        from fer_pipeline.params import load_raw
+def load_classifier(ref: str, classes: list[str], mlflow: MlflowParams) -> Classifier:
+    """Load a local .keras file, a local MLflow model folder, or an MLflow model URI.
 
-        return load_raw(params_path).get(key) or {}
-    except Exception:  # noqa: BLE001 - predict works outside the project too
-        return {}
-
-
-def _params_classes(params_path: str | Path) -> list[str]:
-    return list(_params_section(params_path, "data").get("classes") or DEFAULT_CLASSES)
-
-
-def load_classifier(ref: str, params_path: str | Path = "params.yaml") -> Classifier:
-    """Load a local .keras file, a local MLflow model folder, or an MLflow model URI."""
-    classes = _params_classes(params_path)
+    Every problem with `ref` (missing, unreadable, unknown to the registry, not a 48x48 face
+    classifier for `classes`) is a FerError: one line, before any image is read.
+    """
     path = Path(ref)
     if path.suffix in (".keras", ".h5") or path.is_file():
         if not path.is_file():
-            raise StageError(f"model file not found: {path} (train it: `dvc repro train`)")
+            raise FerError(f"model file not found: {path} (train it: `dvc repro train`)")
         import keras
 
         try:
             model = keras.saving.load_model(path, compile=False)
-        except Exception as exc:  # noqa: BLE001
-            raise StageError(f"cannot load Keras model {path}: {exc}") from exc
-        return Classifier(model, classes, str(path), "keras")
+        except KERAS_LOAD_ERRORS as exc:
+            raise FerError(f"cannot load Keras model {path}: {exc}") from exc
+        return _checked(Classifier(model, list(classes), str(path), "keras"), (ValueError,))
 
-    import mlflow
+    if not path.is_dir() and "://" not in ref and ":/" not in ref:
+        raise FerError(f"--model {ref!r}: no such file or folder, and not an MLflow URI "
+                       f"(models:/NAME@ALIAS, models:/NAME/VERSION, models:/<model_id>)")
+    import mlflow as mlflow_lib
     from mlflow.exceptions import MlflowException
 
     if path.is_dir():
         if not (path / "MLmodel").is_file():
-            raise StageError(f"{path} is a folder but not an MLflow model (no MLmodel file)")
+            raise FerError(f"{path} is a folder but not an MLflow model (no MLmodel file)")
         try:
-            return Classifier(mlflow.pyfunc.load_model(str(path)), classes, str(path), "pyfunc")
+            model = mlflow_lib.pyfunc.load_model(str(path))
         except MlflowException as exc:
-            raise StageError(f"cannot load MLflow model {path}: {exc.message}") from exc
+            raise FerError(f"cannot load MLflow model {path}: {exc.message}") from exc
+        return _checked(Classifier(model, list(classes), str(path), "pyfunc"),
+                        (ValueError, MlflowException))
 
-    from fer_pipeline.train import tracking
-
-    mlf = _params_section(params_path, "mlflow")
-    uri = tracking.resolve_tracking_uri(mlf.get("tracking_uri"))
-    tracking.check_reachable(uri, float(mlf.get("probe_timeout_s", 3.0)))
-    mlflow.set_tracking_uri(uri)
-    if "://" not in ref and ":/" not in ref:
-        raise StageError(f"--model {ref!r}: no such file or folder, and not an MLflow URI "
-                         f"(models:/NAME@ALIAS, models:/NAME/VERSION, models:/<model_id>)")
-    classes = _registry_classes(ref) or classes
+    uri = resolve_tracking_uri(mlflow.tracking_uri)
+    check_reachable(uri, mlflow.probe_timeout_s)
+    mlflow_lib.set_tracking_uri(uri)
+    classes = _registry_classes(ref) or list(classes)
     try:
-        model = mlflow.pyfunc.load_model(ref)
+        model = mlflow_lib.pyfunc.load_model(ref)
     except MlflowException as exc:
-        raise StageError(_explain_mlflow_error(ref, uri, exc.message)) from exc
+        raise FerError(_explain_mlflow_error(ref, uri, exc.message)) from exc
     except OSError as exc:
-        raise StageError(f"cannot load {ref} from {uri}: {exc}") from exc
-    return Classifier(model, classes, ref, "pyfunc")
+        raise FerError(f"cannot load {ref} from {uri}: {exc}") from exc
+    return _checked(Classifier(model, classes, ref, "pyfunc"), (ValueError, MlflowException))
+
+
+def _checked(clf: Classifier, errors: tuple[type[Exception], ...]) -> Classifier:
+    """The model maps one 48x48 face to one probability per class, or a FerError now (not a
+    wrong answer, or the same error per file, later)."""
+    try:
+        out = clf.predict(np.zeros((1, FACE_SIZE, FACE_SIZE, 1), np.float32))
+    except errors as exc:
+        first = (str(exc).strip().splitlines() or ["unknown error"])[0]
+        raise FerError(f"model {clf.source} does not take (N, {FACE_SIZE}, {FACE_SIZE}, 1) "
+                       f"grayscale faces: {first}") from exc
+    if out.shape != (1, len(clf.classes)):
+        raise FerError(f"model {clf.source} outputs shape {out.shape[1:]} per face, but there are "
+                       f"{len(clf.classes)} classes ({', '.join(clf.classes)}): set data.classes "
+                       f"to the classes it was trained on")
+    return clf
 
 
 def _explain_mlflow_error(ref: str, uri: str, message: str) -> str:
@@ -139,7 +147,7 @@ def _registry_classes(ref: str) -> list[str] | None:
         else:
             return None
     except MlflowException as exc:
-        raise StageError(_explain_mlflow_error(ref, client.tracking_uri, exc.message)) from exc
+        raise FerError(_explain_mlflow_error(ref, client.tracking_uri, exc.message)) from exc
     tag = (mv.tags or {}).get("classes")
     return tag.split(",") if tag else None
 
@@ -147,20 +155,20 @@ def _registry_classes(ref: str) -> list[str] | None:
 # ---- images and faces -------------------------------------------------------------------------
 
 def read_image(path: Path) -> np.ndarray:
-    """BGR (or gray) uint8 image; raises ValueError with a per-file message."""
+    """BGR (or gray) uint8 image; raises ImageError with a per-file message."""
     import cv2
 
     if not path.exists():
-        raise ValueError("file not found")
+        raise ImageError("file not found")
     if path.is_dir():
-        raise ValueError("is a folder, not an image")
+        raise ImageError("is a folder, not an image")
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
-        raise ValueError(f"cannot read file: {exc.strerror or exc}") from exc
+        raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if img is None:
-        raise ValueError("not an image (or an unsupported/corrupt image format)")
+        raise ImageError("not an image (or an unsupported/corrupt image format)")
     if img.dtype != np.uint8:
         img = cv2.convertScaleAbs(img, alpha=255.0 / max(float(img.max()), 1.0))
     return img
@@ -190,7 +198,7 @@ def detect_faces(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
         path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
         _CASCADE = cv2.CascadeClassifier(str(path))
         if _CASCADE.empty():
-            raise StageError(f"cannot load OpenCV's Haar cascade {path}")
+            raise FerError(f"cannot load OpenCV's Haar cascade {path}")
     side = min(gray.shape[:2])
     min_size = max(24, side // 12)
     boxes = _CASCADE.detectMultiScale(cv2.equalizeHist(gray), scaleFactor=1.1, minNeighbors=5,
@@ -231,9 +239,12 @@ def annotate(img: np.ndarray, faces: list[dict[str, Any]], out: Path) -> None:
         ty = y - 6 if y > 20 else y + h + 16
         cv2.putText(canvas, label, (x, ty), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * thick, (0, 200, 0),
                     thick, cv2.LINE_AA)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(out), canvas):
-        raise ValueError(f"cannot write annotated image {out}")
+    try:
+        with atomic_path(out) as tmp:   # the temp name keeps the suffix: OpenCV's format
+            if not cv2.imwrite(str(tmp), canvas):
+                raise ImageError(f"cannot write annotated image {out}")
+    except OSError as exc:              # e.g. --annotate names a folder under a file
+        raise ImageError(f"cannot write annotated image {out}: {exc}") from exc
 
 
 def _annotate_path(out: Path, src: Path, n_inputs: int) -> Path:
@@ -244,7 +255,7 @@ def _annotate_path(out: Path, src: Path, n_inputs: int) -> Path:
 
 def classify_file(clf: Classifier, path: Path, detect: bool = True,
                   annotate_to: Path | None = None) -> dict[str, Any]:
-    """Result dict for one file; problems become {"ok": false, "error": ...}, never raise."""
+    """Result dict for one file; its problems (ImageError) become {"ok": false, "error": ...}."""
     result: dict[str, Any] = {"path": str(path)}
     try:
         img = read_image(path)
@@ -275,45 +286,22 @@ def classify_file(clf: Classifier, path: Path, detect: bool = True,
         if annotate_to is not None:
             annotate(img, faces, annotate_to)
             result["annotated"] = str(annotate_to)
-    except ValueError as exc:
+    except ImageError as exc:
         result.update(ok=False, error=str(exc))
     return result
 
 
-def predict_files(paths: list[str | Path], model: str | None = None,
-                  params_path: str | Path = "params.yaml", detect: bool = True,
+def predict_files(paths: list[str | Path], model: str | None, classes: list[str],
+                  registry: RegistryParams, mlflow: MlflowParams, detect: bool = True,
                   annotate_out: str | Path | None = None) -> dict[str, Any]:
-    """Classify faces in every file. Raises StageError only if the model cannot be loaded."""
-    ref = model or default_model_uri(params_path)
-    clf = load_classifier(ref, params_path)
+    """Classify faces in every file: {"model", "classes", "results": [one per file]}.
+
+    model=None loads the registry's champion. Raises FerError only when the model cannot be
+    loaded; a file's own problem is in its result.
+    """
+    clf = load_classifier(model or default_model_uri(registry), classes, mlflow)
     results = []
     for p in map(Path, paths):
         target = _annotate_path(Path(annotate_out), p, len(paths)) if annotate_out else None
         results.append(classify_file(clf, p, detect, target))
     return {"model": clf.source, "classes": clf.classes, "results": results}
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    report = predict_files(args.paths, args.model, args.params, detect=not args.no_detect,
-                           annotate_out=args.annotate)
-    for r in report["results"]:
-        if not r["ok"]:
-            print(f"fer predict: {r['path']}: {r['error']}", file=sys.stderr)
-        elif not r["faces"]:
-            print(f"fer predict: {r['path']}: no face found", file=sys.stderr)
-    print(json.dumps(report, indent=2))
-    return 0 if any(r["ok"] for r in report["results"]) else 1
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("predict", help="classify the emotion of faces in photos (JSON)")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files (photos or 48x48 crops)")
-    p.add_argument("--model", default=None,
-                   help="local .keras file, MLflow model folder or MLflow URI "
-                        "(default: models:/<registry.model_name>@<registry.champion_alias>)")
-    p.add_argument("--annotate", metavar="OUT", default=None,
-                   help="write the photo with boxes and labels: a file for one input, else a "
-                        "folder (<stem>_annotated.png)")
-    p.add_argument("--no-detect", action="store_true",
-                   help="no face detection: classify each whole image as one face")
-    p.set_defaults(func=_run_cli)

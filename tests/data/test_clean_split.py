@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fer_pipeline.data.arrays import load_split
+from fer_pipeline.arrays import load_split
 from fer_pipeline.data.clean import decide, run_clean
 from fer_pipeline.data.manifest import build_manifest
 from fer_pipeline.data.split import run_split
-from fer_pipeline.params import load_params
+from fer_pipeline.params import load
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -40,7 +40,7 @@ def messy_tree(raw_tree: Path) -> Path:
 
 
 def test_every_rule_and_every_file_accounted(tmp_path, params_file, messy_tree):
-    p = load_params(params_file)
+    p = load(params_file)
     manifest = build_manifest(messy_tree)
     report = decide(manifest, p.data, p.clean)
     assert len(report) == len(manifest)
@@ -73,14 +73,14 @@ def every_reason_has_detail(report: pd.DataFrame) -> bool:
 
 
 def test_size_policy_resize_keeps_wrong_size(tmp_path, params_file, messy_tree):
-    p = load_params(params_file)
+    p = load(params_file)
     from dataclasses import replace
     report = decide(build_manifest(messy_tree), p.data, replace(p.clean, size_policy="resize"))
     assert report.set_index("relpath").loc["train/sad/Training_9003.png", "decision"] == "kept"
 
 
 def test_clean_then_split_writes_arrays_and_metrics(tmp_path, params_file, messy_tree):
-    p = load_params(params_file)
+    p = load(params_file)
     manifest = tmp_path / "manifest.csv"
     build_manifest(messy_tree).to_csv(manifest, index=False)
     summary = run_clean(manifest, tmp_path / "report.csv", tmp_path / "clean.json",
@@ -103,7 +103,7 @@ def test_clean_then_split_writes_arrays_and_metrics(tmp_path, params_file, messy
 
 
 def test_split_is_seeded_and_capped(tmp_path, params_file, raw_tree):
-    p = load_params(params_file)
+    p = load(params_file)
     manifest = tmp_path / "m.csv"
     build_manifest(raw_tree).to_csv(manifest, index=False)
     run_clean(manifest, tmp_path / "r.csv", tmp_path / "c.json", p.data, p.clean)
@@ -115,3 +115,34 @@ def test_split_is_seeded_and_capped(tmp_path, params_file, raw_tree):
     np.testing.assert_array_equal(a.ids, b.ids)
     assert len(load_split(tmp_path / "a/train.npz")) + len(a) == 7 * 5
     assert len(load_split(tmp_path / "a/test.npz")) == 7 * 4  # 4 < cap 5
+
+
+def test_a_crash_while_writing_keeps_the_previous_good_output(tmp_path, params_file, raw_tree,
+                                                             monkeypatch):
+    p = load(params_file)
+    manifest = tmp_path / "m.csv"
+    build_manifest(raw_tree).to_csv(manifest, index=False)
+    report = tmp_path / "r.csv"
+    run_clean(manifest, report, tmp_path / "c.json", p.data, p.clean)
+    good = report.read_bytes()
+
+    def crash(self, path, *args, **kwargs):
+        Path(path).write_text("relpath,split\nhalf a row")   # a partial file, then the crash
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", crash)
+    with pytest.raises(OSError, match="disk full"):
+        run_clean(manifest, report, tmp_path / "c.json", p.data, p.clean)
+    assert report.read_bytes() == good
+    assert not [f for f in tmp_path.iterdir() if ".tmp" in f.name]   # no half-written file left
+
+
+def test_missing_inputs_are_user_errors_that_name_the_stage(tmp_path, params_file):
+    from fer_pipeline.errors import MissingInputError
+
+    p = load(params_file)
+    with pytest.raises(MissingInputError, match="fer validate"):
+        run_clean(tmp_path / "none.csv", tmp_path / "r.csv", tmp_path / "c.json", p.data, p.clean)
+    with pytest.raises(MissingInputError, match="fer clean"):
+        run_split(tmp_path / "none.csv", tmp_path / "a", tmp_path / "a.json", p.data, p.clean,
+                  p.split)

@@ -4,18 +4,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from fer_pipeline.cli import main
 from fer_pipeline.data.manifest import DatasetMissingError
-from fer_pipeline.data.validate import validate_dataset
-from fer_pipeline.params import load_params
+from fer_pipeline.data.validate import DataChecksFailed, validate_dataset
+from fer_pipeline.params import load
 
 
 def _validate(tmp_path: Path, params_file: Path):
-    p = load_params(params_file)
+    p = load(params_file)
     return validate_dataset(Path(p.data.raw_dir), p.data, p.validate,
-                            tmp_path / "manifest.csv", tmp_path / "reports")
+                            tmp_path / "manifest.csv", tmp_path / "reports", check=False)
 
 
 def test_clean_tree_passes_and_writes_reports(tmp_path, params_file):
@@ -83,3 +84,29 @@ def test_cli_exits_1_with_summary_no_traceback(tmp_path, params_file, raw_tree, 
     assert rc == 1
     assert "data checks failed" in err and "test/contempt/" in err
     assert "Traceback" not in err
+
+
+def test_hard_failure_raises_a_user_error_after_writing_reports(tmp_path, params_file, raw_tree):
+    shutil.copytree(raw_tree / "test" / "sad", raw_tree / "test" / "contempt")
+    p = load(params_file)
+    with pytest.raises(DataChecksFailed, match="test/contempt/"):
+        validate_dataset(Path(p.data.raw_dir), p.data, p.validate, tmp_path / "manifest.csv",
+                         tmp_path / "reports")
+    assert json.loads((tmp_path / "reports" / "result.json").read_text())["hard_failures"]
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda raw: raw.update(registy=raw.pop("registry")), "unknown key registy (did you mean registry?)"),
+    (lambda raw: raw["clean"].update(size_polcy=raw["clean"].pop("size_policy")),
+     "unknown key clean.size_polcy (did you mean clean.size_policy?)"),
+])
+def test_misspelt_params_file_exits_non_zero_naming_the_key(tmp_path, params_file, capsys,
+                                                           monkeypatch, edit, named):
+    raw = yaml.safe_load(params_file.read_text())
+    edit(raw)
+    params_file.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--params", str(params_file), "validate"]) == 1
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+    assert not (tmp_path / "data").exists()   # failed before measuring anything

@@ -1,4 +1,4 @@
-"""Fixtures for evaluate/predict tests: a real MLflow server and tiny 'trained' models.
+"""Fixtures for evaluate/predict tests: tiny 'trained' models logged to the session's MLflow server.
 
 Tiny Keras models are built and logged to MLflow exactly as training leaves them (model file,
 reports/train/<name>/{metrics,mlflow}.json, history.csv) without running the training stage.
@@ -7,84 +7,31 @@ reports/train/<name>/{metrics,mlflow}.json, history.csv) without running the tra
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from fer_pipeline.data.arrays import SplitArrays, save_split
+from fer_pipeline import params as P
+from fer_pipeline.arrays import SplitArrays, save_split
+from fer_pipeline.evaluate.stage import EvaluationResult, evaluate_models
+from fer_pipeline.sandbox import ROOT, tiny_params
 
-ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 CLASSES = ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    log = (d / "server.log").open("w")
-    proc = subprocess.Popen(
-        [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
-         "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=d, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(d / 'server.log').read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return uri, proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("mlflow server did not start in 120 s")
-
-
 @pytest.fixture(scope="session")
-def eval_mlflow_server(request, tmp_path_factory):
-    """A real `mlflow server` (SQLite store + artifacts in a temp dir, 127.0.0.1, free port).
-
-    Reuses the shared session fixture `mlflow_server` (tests/conftest.py) when it exists, else
-    starts its own. Points MLFLOW_TRACKING_URI at it for the session (env wins over params).
-    """
-    try:
-        uri, proc = request.getfixturevalue("mlflow_server"), None
-    except pytest.FixtureLookupError:
-        uri, proc = _start_server(tmp_path_factory)
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
+def eval_mlflow_server(mlflow_server):
+    """The session's MLflow server (tests/conftest.py), made the tracking store of every test
+    here: the session-scoped trained models are logged to it (env wins over params)."""
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
-    if proc is not None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        mlflow.set_tracking_uri(mlflow_server)
+        yield mlflow_server
 
 
 def tiny_model(filters: int, seed: int):
@@ -117,13 +64,13 @@ def make_test_split(path: Path, n: int = 70, seed: int = 0) -> SplitArrays:
 def write_trained(root: Path, name: str, val_accuracy: float, filters: int, seed: int,
                   log_to_mlflow: bool = True) -> dict:
     """Leave what `fer train --model name` leaves: model file, reports, MLflow run + model."""
+    from fer_pipeline.train.artifacts import log_model, save_model
     from fer_pipeline.train.models import trainable_params
-    from fer_pipeline.train.stage import _log_model, save_model_atomic
 
     model = tiny_model(filters, seed)
     rep = root / "reports" / "train" / name
     rep.mkdir(parents=True, exist_ok=True)
-    save_model_atomic(model, root / "models" / name / "model.keras")
+    save_model(model, root / "models" / name / "model.keras")
     n_params = trainable_params(model)
     (rep / "metrics.json").write_text(json.dumps({
         "train_loss": 1.9, "train_accuracy": 0.2, "val_loss": 1.9, "val_accuracy": val_accuracy,
@@ -141,26 +88,33 @@ def write_trained(root: Path, name: str, val_accuracy: float, filters: int, seed
         with mlflow.start_run(run_name=name) as run:
             mlflow.log_param("model_name", name)
             x = np.zeros((2, 48, 48, 1), np.float32)
-            info["model_uri"] = _log_model(model, x)
+            info["model_uri"] = log_model(model, x)
             info["run_id"] = run.info.run_id
     (rep / "mlflow.json").write_text(json.dumps(info))
     return info
 
 
 def write_params(root: Path, names: list[str], registry_name: str, **evaluate) -> Path:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    base = params["models"]["custom_cnn"]
-    params["models"] = {n: dict(base) for n in names}
-    params["train"]["models_dir"] = str(root / "models")
-    params["train"]["reports_dir"] = str(root / "reports" / "train")
-    params["mlflow"]["experiment"] = "fer-emotion-tests"
-    params["evaluate"] = {"test_path": str(root / "data" / "test.npz"),
-                          "reports_dir": str(root / "reports" / "evaluate"), "batch_size": 64,
-                          "tta": "none", **evaluate}
-    params["registry"] = {**(params.get("registry") or {}), "model_name": registry_name}
+    """root/params.yaml: the project's params (`tiny_params`) pointed at root's models, reports
+    and test split, with one small custom CNN recipe per name."""
+    raw = tiny_params(
+        train={"models_dir": str(root / "models"), "reports_dir": str(root / "reports" / "train")},
+        mlflow={"experiment": "fer-emotion-tests"},
+        evaluate={"test_path": str(root / "data" / "test.npz"),
+                  "reports_dir": str(root / "reports" / "evaluate"), "batch_size": 64,
+                  "tta": "none", **evaluate},
+        registry={"model_name": registry_name})
+    raw["models"] = {n: dict(raw["models"]["custom_cnn"]) for n in names}
+    P.from_dict(raw)
     path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def _run_evaluate(params_path: Path, **kwargs) -> EvaluationResult:
+    """`fer evaluate` without the CLI: the params file's sections into `evaluate_models`."""
+    p = P.load(params_path)
+    return evaluate_models(p.models, p.train, p.mlflow, p.evaluate, p.registry, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -174,15 +128,12 @@ def trained_project(tmp_path_factory, eval_mlflow_server):
 
 
 @pytest.fixture
-def fixture_copy(tmp_path):
-    def copy(name: str) -> Path:
-        dst = tmp_path / name
-        shutil.copy(FIXTURES / name, dst)
-        return dst
-    return copy
-
-
-@pytest.fixture
 def eval_params():
     """write_params(root, names, registry_name, **evaluate) -> params.yaml path."""
     return write_params
+
+
+@pytest.fixture
+def run_evaluate():
+    """run_evaluate(params_path, names=..., register=..., log_mlflow=...) -> EvaluationResult."""
+    return _run_evaluate

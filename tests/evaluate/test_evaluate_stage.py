@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from fer_pipeline.cli import StageError, main
-from fer_pipeline.evaluate.stage import evaluate_models
+from fer_pipeline.cli import main
+from fer_pipeline.errors import FerError
 
 
 def _client():
@@ -18,7 +18,7 @@ def _client():
     return MlflowClient()
 
 
-def test_evaluate_reports_mlflow_and_registry_lifecycle(eval_params, trained_project, capsys):
+def test_evaluate_reports_mlflow_and_registry_lifecycle(eval_params, run_evaluate, trained_project, capsys):
     root, infos = trained_project
     params = eval_params(root, ["small", "big"], "fer-emotion-life")
 
@@ -63,7 +63,7 @@ def test_evaluate_reports_mlflow_and_registry_lifecycle(eval_params, trained_pro
     assert champ.tags["classes"].split(",")[3] == "happy"
 
     # 2. Nothing changed: nothing registered, no alias moved.
-    res = evaluate_models(params)
+    res = run_evaluate(params)
     assert res.registry["new_version"] is False and res.registry["alias_moved"] is False
     assert len(client.search_model_versions(f"name='{name}'")) == 1
 
@@ -72,14 +72,14 @@ def test_evaluate_reports_mlflow_and_registry_lifecycle(eval_params, trained_pro
     saved = big_metrics.read_text()
     big_metrics.write_text(saved.replace('"val_accuracy": 0.3', '"val_accuracy": 0.5'))
     try:
-        res = evaluate_models(params)
+        res = run_evaluate(params)
         assert res.champion == "big" and res.registry["new_version"] is True
         assert client.get_model_version_by_alias(name, "champion").version == "2"
         assert client.get_model_version_by_alias(name, "previous").version == "1"
     finally:
         big_metrics.write_text(saved)
     # 4. Back to `small`: its existing v1 is reused (no v3), v2 becomes @previous.
-    res = evaluate_models(params)
+    res = run_evaluate(params)
     assert res.champion == "small" and res.registry["new_version"] is False
     assert client.get_model_version_by_alias(name, "champion").version == "1"
     assert client.get_model_version_by_alias(name, "previous").version == "2"
@@ -88,13 +88,13 @@ def test_evaluate_reports_mlflow_and_registry_lifecycle(eval_params, trained_pro
     assert [h.split(":")[0:2] for h in history] == [["v1", "small"], ["v2", "big"], ["v1", "small"]]
 
 
-def test_registered_champion_pyfunc_predict(eval_params, trained_project):
+def test_registered_champion_pyfunc_predict(eval_params, run_evaluate, trained_project):
     """The registered model loads by alias as a pyfunc and predicts the serving payload."""
     import mlflow
 
     root, _ = trained_project
     params = eval_params(root, ["small", "big"], "fer-emotion-pyfunc")
-    evaluate_models(params)
+    run_evaluate(params)
     model = mlflow.pyfunc.load_model("models:/fer-emotion-pyfunc@champion")
     # Same payload shape as the documented `mlflow models serve` request ({"inputs": ...}).
     payload = json.loads(json.dumps({"inputs": np.full((2, 48, 48, 1), 128.0).tolist()}))
@@ -103,10 +103,10 @@ def test_registered_champion_pyfunc_predict(eval_params, trained_project):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
 
-def test_tta_flip_and_no_register(eval_params, trained_project):
+def test_tta_flip_and_no_register(eval_params, run_evaluate, trained_project):
     root, _ = trained_project
     params = eval_params(root, ["small"], "fer-emotion-unused", tta="flip")
-    res = evaluate_models(params, register=False)
+    res = run_evaluate(params, register=False)
     assert res.registry is None and res.champion == "small"
     assert "Test-time augmentation: `flip`" in (root / "reports" / "evaluate" / "comparison.md").read_text()
     from mlflow.exceptions import MlflowException
@@ -115,18 +115,39 @@ def test_tta_flip_and_no_register(eval_params, trained_project):
         _client().get_registered_model("fer-emotion-unused")
 
 
-def test_missing_model_names_the_stage(eval_params, trained_project, tmp_path):
+def test_missing_model_names_the_stage(eval_params, run_evaluate, trained_project):
     root, _ = trained_project
     params = eval_params(root, ["small", "ghost"], "fer-emotion-unused")
-    with pytest.raises(StageError, match=r"dvc repro train@ghost"):
-        evaluate_models(params, names=["ghost"], register=False, log_mlflow=False)
+    with pytest.raises(FerError, match=r"dvc repro train@ghost"):
+        run_evaluate(params, names=["ghost"], register=False, log_mlflow=False)
     # Default (all models): the untrained one is skipped with a warning, the rest evaluated.
-    res = evaluate_models(params, register=False, log_mlflow=False)
+    res = run_evaluate(params, register=False, log_mlflow=False)
     assert res.skipped == ["ghost"] and list(res.models) == ["small"]
 
 
+def test_cli_user_error_is_one_line_but_a_bug_shows_its_traceback(eval_params, trained_project,
+                                                                  monkeypatch, capsys):
+    root, _ = trained_project
+    params = eval_params(root, ["small", "ghost"], "fer-emotion-unused")
+    # A user error (a model that is not trained): exit 1, one line naming the fix.
+    assert main(["--params", str(params), "evaluate", "--model", "ghost", "--no-register"]) == 1
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("fer evaluate:")]
+    assert "Traceback" not in err and len(lines) == 1
+    assert lines[0].startswith("fer evaluate: error: ") and "dvc repro train@ghost" in lines[0]
+    # A bug inside the stage (any non-FerError) is not turned into a message: it propagates.
+    from fer_pipeline.evaluate import metrics
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("bug in compute_metrics")
+
+    monkeypatch.setattr(metrics, "compute_metrics", broken)
+    with pytest.raises(RuntimeError, match="bug in compute_metrics"):
+        main(["--params", str(params), "evaluate", "--model", "small", "--no-register"])
+
+
 @pytest.mark.slow
-def test_mlflow_models_serve_the_champion(eval_params, trained_project, tmp_path):
+def test_mlflow_models_serve_the_champion(eval_params, run_evaluate, trained_project, tmp_path):
     """`mlflow models serve` of models:/<name>@champion answers the documented request."""
     import os
     import socket
@@ -140,7 +161,7 @@ def test_mlflow_models_serve_the_champion(eval_params, trained_project, tmp_path
 
     root, _ = trained_project
     params = eval_params(root, ["small", "big"], "fer-emotion-serve")
-    evaluate_models(params)
+    run_evaluate(params)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

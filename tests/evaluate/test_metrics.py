@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fer_pipeline.evaluate.config import EvaluateParams
+from fer_pipeline.champion import choose_champion
 from fer_pipeline.evaluate.metrics import (
     compute_metrics,
     confusion,
@@ -13,8 +13,7 @@ from fer_pipeline.evaluate.metrics import (
     predict_proba,
     row_normalize,
 )
-from fer_pipeline.evaluate.registry import choose_champion
-from fer_pipeline.params import ParamsError
+from fer_pipeline.params import EvaluateParams, ParamsError
 
 CLASSES = ["a", "b", "c"]
 
@@ -63,8 +62,10 @@ def test_tta_flip_averages_image_and_mirror():
     flip = predict_proba(_Asym(), x, tta="flip").probs
     assert plain[0, 0] == pytest.approx(1.0)
     assert flip[0, 0] == pytest.approx(0.5)     # mean of (1, 0) and (0, 1)
-    with pytest.raises(ParamsError):
+    with pytest.raises(ParamsError):        # params reject an unknown mode ...
         EvaluateParams(tta="crops")
+    with pytest.raises(ValueError):         # ... so reaching predict_proba with one is a bug
+        predict_proba(_Asym(), x, tta="crops")
 
 
 def test_tta_flip_crops_uses_ten_views():

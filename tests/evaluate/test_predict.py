@@ -9,10 +9,17 @@ import cv2
 import numpy as np
 import pytest
 
-from fer_pipeline.cli import StageError, main
+from fer_pipeline import params as P
+from fer_pipeline.cli import main
+from fer_pipeline.errors import FerError
 from fer_pipeline.predict import detect_faces, predict_files
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+DEFAULTS = P.Params()   # what `fer predict` uses outside a project
+
+
+def _predict(paths, model=None, params=DEFAULTS):
+    return predict_files(paths, model, params.data.classes, params.registry, params.mlflow)
 
 
 @pytest.fixture
@@ -87,18 +94,16 @@ def test_predict_exit_code_when_nothing_readable(local_model, bad_files, capsys)
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_predict_by_registry_alias(trained_project, eval_params, photo):
+def test_predict_by_registry_alias(trained_project, eval_params, run_evaluate, photo):
     """Default-style URI: the registered champion, class names from the version's tag."""
-    from fer_pipeline.evaluate.stage import evaluate_models
-
     root, _ = trained_project
     params = eval_params(root, ["small", "big"], "fer-emotion-predict")
-    evaluate_models(params)
-    report = predict_files([photo, FIXTURES / "surprise_48.jpg"], params_path=params)
+    run_evaluate(params)
+    report = _predict([photo, FIXTURES / "surprise_48.jpg"], params=P.load(params))
     assert report["model"] == "models:/fer-emotion-predict@champion"
     assert [len(r["faces"]) for r in report["results"]] == [1, 1]
     # Same probabilities as the local file of the champion (same weights, pyfunc vs keras).
-    local = predict_files([photo], model=str(root / "models" / "small" / "model.keras"))
+    local = _predict([photo], model=str(root / "models" / "small" / "model.keras"))
     assert local["results"][0]["faces"][0]["probabilities"] == pytest.approx(
         report["results"][0]["faces"][0]["probabilities"], abs=1e-3)
 
@@ -106,9 +111,35 @@ def test_predict_by_registry_alias(trained_project, eval_params, photo):
 def test_missing_registry_or_alias_is_a_clear_error(trained_project, eval_params, photo, capsys):
     root, _ = trained_project
     params = eval_params(root, ["small"], "fer-emotion-never-registered")
-    with pytest.raises(StageError, match=r"fer-emotion-never-registered.*dvc repro evaluate"):
-        predict_files([photo], params_path=params)
+    with pytest.raises(FerError, match=r"fer-emotion-never-registered.*dvc repro evaluate"):
+        _predict([photo], params=P.load(params))
     assert main(["--params", str(params), "predict", "--model", "models:/fer-emotion-life@nosuch",
                  str(photo)]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and "nosuch" in err and "dvc repro evaluate" in err
+
+
+def test_cli_user_error_is_one_line_but_a_bug_shows_its_traceback(local_model, tmp_path,
+                                                                  monkeypatch, capsys):
+    crop = str(FIXTURES / "happy_48.jpg")
+    # A user error (the model file does not exist): exit 1, one line, no traceback.
+    assert main(["predict", "--model", str(tmp_path / "nope.keras"), crop]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        f"fer predict: error: model file not found: {tmp_path / 'nope.keras'} "
+        f"(train it: `dvc repro train`)"]
+    # A bug while classifying one file is not reported as that file's problem: it propagates.
+    import fer_pipeline.predict as predict
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("bug in crop_face")
+
+    monkeypatch.setattr(predict, "crop_face", broken)
+    with pytest.raises(RuntimeError, match="bug in crop_face"):
+        main(["predict", "--model", str(local_model), crop])
+
+
+def test_a_model_for_other_classes_fails_at_load(local_model, photo):
+    """Seven outputs but three classes: one FerError before any image, not an error per file."""
+    with pytest.raises(FerError, match=r"3 classes .*data.classes"):
+        predict_files([photo], str(local_model), ["a", "b", "c"], DEFAULTS.registry, DEFAULTS.mlflow)

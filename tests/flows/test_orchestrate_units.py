@@ -2,28 +2,45 @@
 
 from __future__ import annotations
 
-import sys
+import json
+import os
+import subprocess
 
 import pytest
 from prefect import flow
 
-from project import ROOT
-
-sys.path.insert(0, str(ROOT))
-
-from fer_pipeline import orchestrate as orch  # noqa: E402
-from flows import pipeline  # noqa: E402
+from fer_pipeline import orchestrate as orch
+from fer_pipeline.errors import ERROR_FILE_ENV, FerError, ParamsError, TransientError
+from fer_pipeline.sandbox import ROOT
+from flows import pipeline
 
 
-def test_classify_transient_vs_real():
-    down = ["fer train: error: MLflow tracking server http://x:5000 (from MLFLOW_TRACKING_URI) is "
-            "unreachable: [Errno 111] Connection refused. Start it, ..."]
-    assert isinstance(orch.classify("train@a", 1, down), orch.TransientStageError)
+def test_classify_by_the_type_fer_reported_not_by_text():
+    down = ["fer train: error: MLflow tracking server http://x:5000 is unreachable"]
+    exc = orch.classify("train@a", 75, down, {"type": "TrackingUnavailable", "transient": True})
+    assert isinstance(exc, orch.TransientStageError) and isinstance(exc, TransientError)
     real = ["noise", "fer validate: error: data checks failed (pipeline stopped):",
             "  - unknown class folder train/Sad/", "ERROR: failed to reproduce 'validate'"]
-    exc = orch.classify("validate", 1, real)
-    assert type(exc) is orch.StageFailed
+    exc = orch.classify("validate", 1, real, {"type": "DataChecksFailed", "transient": False})
+    assert type(exc) is orch.StageFailed and isinstance(exc, FerError)
     assert "train/Sad/" in str(exc) and "noise" not in str(exc)
+    # Text that merely looks transient is not: only fer's report or DVC's busy lock count.
+    assert type(orch.classify("x", 1, ["Connection refused"], None)) is orch.StageFailed
+    busy = ["ERROR: Unable to acquire lock. Most likely another DVC process is running"]
+    assert isinstance(orch.classify("x", 1, busy, None), orch.TransientStageError)
+
+
+def test_fer_reports_its_error_type_to_the_runner(tmp_path):
+    """The channel the runner reads through `dvc repro`: `fer` writes the FerError's type."""
+    report = tmp_path / "err.json"
+    env = dict(os.environ, **{ERROR_FILE_ENV: str(report)})
+    env["MLFLOW_TRACKING_URI"] = "http://127.0.0.1:9"   # nothing listens: TrackingUnavailable
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    res = subprocess.run(["fer", "train", "--model", "fernet"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 75, res.stderr
+    assert json.loads(report.read_text())["transient"] is True
+    assert "Traceback" not in res.stderr
 
 
 def test_only_transient_failures_are_retried(monkeypatch, prefect_harness):
@@ -63,6 +80,29 @@ def test_overrides_keep_comments(tmp_path):
     text = (tmp_path / "params.yaml").read_text()
     assert "# top comment" in text and "# cap" in text
     assert orch.apply_overrides(tmp_path, ovr) == {}
+
+
+def test_a_misspelt_override_fails_before_anything_runs(tmp_path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    before = (tmp_path / "params.yaml").read_text()
+    with pytest.raises(ParamsError, match=r"models\.fernt \(did you mean models\.fernet\?\)"):
+        orch.apply_overrides(tmp_path, {"models.fernt.epochs": 1})
+    with pytest.raises(ParamsError, match="models.fernet.epochs must be int"):
+        orch.apply_overrides(tmp_path, {"models.fernet.epochs": "one"})
+    assert (tmp_path / "params.yaml").read_text() == before
+
+
+def test_the_flow_rejects_a_misspelt_override_naming_the_key(tmp_path, prefect_harness):
+    from fer_pipeline.sandbox import make_project
+
+    repo = make_project(tmp_path, n_models=1)
+    before = (repo / "params.yaml").read_text()
+    state = pipeline.fer_pipeline(project_dir=str(repo), overrides={"models.custom_cn.epochs": 1},
+                                  save_experiment=False, return_state=True)
+    assert state.is_failed()
+    assert "models.custom_cn (did you mean models.custom_cnn?)" in state.message
+    assert (repo / "params.yaml").read_text() == before
+    assert not (repo / "data" / "interim").exists()   # no stage ran
 
 
 def test_stage_groups_follow_dvc_yaml():

@@ -1,6 +1,6 @@
 """The Prefect flow against a real Prefect server (the test harness) and a real worker process.
 
-One temporary git + DVC project (flows/sandbox.py: this project's dvc.yaml and src/, tiny
+One temporary git + DVC project (fer_pipeline/sandbox.py: this project's dvc.yaml and src/, tiny
 synthetic data, two 1-epoch models) runs end to end, then again with nothing changed; a
 second project with a bad class folder runs through `prefect deploy` + `prefect worker start`.
 """
@@ -17,17 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
+from flows.pipeline import fer_pipeline
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.settings import PREFECT_API_URL
+from prefect.testing.utilities import prefect_test_harness
 
-from project import ROOT
-
-sys.path.insert(0, str(ROOT))
-
-from flows.pipeline import fer_pipeline  # noqa: E402
-from flows.sandbox import make_project  # noqa: E402
-from prefect import get_client  # noqa: E402
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
-from prefect.settings import PREFECT_API_URL  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from fer_pipeline.sandbox import ROOT, make_project
 
 BIN = Path(sys.executable).parent
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -13,14 +15,16 @@ import numpy as np
 import pytest
 import yaml
 
-from fer_pipeline.data.arrays import SplitArrays, save_split
-from fer_pipeline.params import ParamsError, build
-from fer_pipeline.train.config import MlflowParams, ModelParams, TrainParams, load_train_config
+from fer_pipeline import params as P
+from fer_pipeline.arrays import SplitArrays, save_split
+from fer_pipeline.errors import FerError, ParamsError
+from fer_pipeline.sandbox import ROOT, TINY_CNN, tiny_params
+from fer_pipeline.synthetic import CLASSES
+from fer_pipeline.tracking import TrackingUnavailable
 
-ROOT = Path(__file__).resolve().parents[2]
-CLASSES = ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
-TINY_CNN = {"arch": "custom_cnn", "epochs": 2, "batch_size": 16, "width": 0.125,
-            "dense_units": [32]}
+FER = str(Path(sys.executable).parent / "fer")
+# sandbox.TINY_CNN stops after one epoch without progress; these tests count epochs.
+CNN = {**TINY_CNN, "arch": "custom_cnn", "epochs": 2, "early_stopping_patience": 10}
 
 
 def _split(n: int, seed: int) -> SplitArrays:
@@ -40,20 +44,22 @@ def processed(tmp_path_factory) -> Path:
     return d
 
 
-def _train_params(tmp: Path) -> TrainParams:
-    return TrainParams(models_dir=str(tmp / "models"), reports_dir=str(tmp / "reports"),
-                       state_dir=str(tmp / "state"))
+def _raw_params(tmp: Path, models: dict, **mlflow) -> dict:
+    """params.yaml (through the one builder) with these models, outputs under `tmp`."""
+    return tiny_params(models=models, mlflow=mlflow, train={
+        "models_dir": str(tmp / "models"), "reports_dir": str(tmp / "reports"),
+        "state_dir": str(tmp / "state")})
 
 
-def _params_file(tmp: Path, models: dict, mlflow: dict | None = None) -> Path:
-    p = tmp / "params.yaml"
-    p.write_text(yaml.safe_dump({
-        "train": {"models_dir": str(tmp / "models"), "reports_dir": str(tmp / "reports"),
-                  "state_dir": str(tmp / "state")},
-        "models": models,
-        "mlflow": mlflow or {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
-    }))
-    return p
+def _params(tmp: Path, name: str, recipe: dict, **mlflow) -> tuple[P.ModelParams, P.Params]:
+    p = P.from_dict(_raw_params(tmp, {name: recipe}, **mlflow))
+    return p.model(name), p
+
+
+def _params_file(tmp: Path, models: dict, **mlflow) -> Path:
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(_raw_params(tmp, models, **mlflow)))
+    return path
 
 
 def _env(**extra) -> dict:
@@ -62,23 +68,29 @@ def _env(**extra) -> dict:
     return env
 
 
+def _closed_port_uri() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
 def test_default_params_parse_and_custom_cnn_has_17m_params():
     import keras
 
     from fer_pipeline.train.models import build_model, trainable_params
 
-    cfg = load_train_config(ROOT / "params.yaml")
-    assert set(cfg.models) == {"custom_cnn", "custom_cnn_aug", "vgg16", "resnet50", "fernet"}
-    assert cfg.models["custom_cnn_aug"].augmentation.enabled
-    assert cfg.models["resnet50"].class_weights
+    models = P.load(ROOT / "params.yaml").models
+    assert set(models) == {"custom_cnn", "custom_cnn_aug", "vgg16", "resnet50", "fernet"}
+    assert models["custom_cnn_aug"].augmentation.enabled
+    assert models["resnet50"].class_weights
     keras.mixed_precision.set_global_policy("float32")
-    n = trainable_params(build_model(cfg.models["custom_cnn"], 7).model)
+    n = trainable_params(build_model(models["custom_cnn"], 7).model)
     assert abs(n - 17_044_871) < 50_000, n
 
 
 def test_unknown_model_key_is_rejected():
-    with pytest.raises(ParamsError, match="unknown key"):
-        build(ModelParams, {"arch": "custom_cnn", "epochz": 3}, "models.x")
+    with pytest.raises(ParamsError, match="unknown key models.x.epochz"):
+        P.from_dict({"models": {"x": {"arch": "custom_cnn", "epochz": 3}}})
 
 
 def test_auto_precision_policy():
@@ -91,13 +103,12 @@ def test_auto_precision_policy():
 
 @pytest.mark.parametrize("name", ["vgg16", "resnet50"])
 def test_imagenet_weights_unavailable_gives_clear_error(name, tmp_path, monkeypatch):
-    from fer_pipeline.cli import StageError
     from fer_pipeline.train.models import build_model
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
-    mp = load_train_config(ROOT / "params.yaml").models[name]
+    mp = P.load(ROOT / "params.yaml").model(name)
     assert mp.weights == "imagenet"
-    with pytest.raises(StageError) as err:
+    with pytest.raises(FerError) as err:
         build_model(mp, 7, name=name)
     msg = str(err.value)
     assert "cannot download" in msg and str(tmp_path / "keras" / "models") in msg
@@ -113,11 +124,10 @@ def test_train_logs_run_and_model_to_real_mlflow_server(processed, tmp_path, mlf
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("FER_PIPELINE_RUN_ID", "pipe-test-1")
-    mp = build(ModelParams, {**TINY_CNN, "augmentation": {
+    mp, p = _params(tmp_path, "cnn", {**CNN, "augmentation": {
         "rotation": 40, "width_shift": 0.2, "height_shift": 0.2, "shear": 0.2, "zoom": 0.2,
-        "horizontal_flip": True}}, "models.cnn")
-    res = train_model("cnn", mp, _train_params(tmp_path), MlflowParams(experiment="fer-test"),
-                      processed_dir=processed)
+        "horizontal_flip": True}}, experiment="fer-test", log_model=True)
+    res = train_model("cnn", mp, p.train, p.mlflow, processed_dir=processed)
 
     metrics = json.loads(res.metrics_path.read_text())
     assert metrics["epochs_run"] == 2 and metrics["pretrained"] is False
@@ -128,6 +138,7 @@ def test_train_logs_run_and_model_to_real_mlflow_server(processed, tmp_path, mlf
     assert not (tmp_path / "state" / "cnn").exists()  # resume state cleared on success
     side = json.loads((tmp_path / "reports" / "cnn" / "mlflow.json").read_text())
     assert side["run_id"] == res.run_id and side["model_uri"] == res.model_uri
+    assert side["pipeline_run_id"] == "pipe-test-1" and side["tracking_uri"] == mlflow_server
 
     client = MlflowClient(mlflow_server)
     run = client.get_run(res.run_id)
@@ -159,12 +170,11 @@ def test_transfer_model_feature_cache_records_not_pretrained(processed, tmp_path
     from fer_pipeline.train.stage import train_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    mp = build(ModelParams, {"arch": "vgg16", "epochs": 2, "batch_size": 16, "input_size": 32,
-                             "weights": None, "dense_units": [16]}, "models.vgg")
+    mp, p = _params(tmp_path, "vgg", {"arch": "vgg16", "epochs": 2, "batch_size": 16,
+                                      "input_size": 32, "weights": None, "dense_units": [16]},
+                    experiment="fer-test", log_model=False)
     assert mp.uses_feature_cache
-    res = train_model("vgg", mp, _train_params(tmp_path),
-                      MlflowParams(experiment="fer-test", log_model=False),
-                      processed_dir=processed)
+    res = train_model("vgg", mp, p.train, p.mlflow, processed_dir=processed)
     assert json.loads(res.metrics_path.read_text())["pretrained"] is False
     run = MlflowClient(mlflow_server).get_run(res.run_id)
     assert run.data.tags["pretrained"] == "false"
@@ -179,43 +189,70 @@ def test_resnet_with_augmentation_and_class_weights(processed, tmp_path, monkeyp
     from fer_pipeline.train.stage import train_model
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    mp = build(ModelParams, {"arch": "resnet50", "epochs": 1, "batch_size": 16,
-                             "input_size": 32, "weights": None, "dense_units": [16],
-                             "class_weights": True, "augmentation": {"rotation": 10,
-                                                                     "horizontal_flip": True}},
-               "models.res")
+    mp, p = _params(tmp_path, "res", {
+        "arch": "resnet50", "epochs": 1, "batch_size": 16, "input_size": 32, "weights": None,
+        "dense_units": [16], "class_weights": True,
+        "augmentation": {"rotation": 10, "horizontal_flip": True}},
+        tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", log_model=False)
     assert not mp.uses_feature_cache
-    res = train_model("res", mp, _train_params(tmp_path),
-                      MlflowParams(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
-                                   log_model=False), processed_dir=processed)
+    res = train_model("res", mp, p.train, p.mlflow, processed_dir=processed)
     assert json.loads(res.metrics_path.read_text())["epochs_run"] == 1
 
 
 def test_unreachable_tracking_server_fails_fast_before_training(processed, tmp_path,
                                                                 monkeypatch):
-    import socket
-
     from fer_pipeline.train.stage import train_model
-    from fer_pipeline.train.tracking import TrackingUnavailable
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
+    uri = _closed_port_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mp, p = _params(tmp_path, "cnn", CNN)
     t0 = time.monotonic()
     with pytest.raises(TrackingUnavailable) as err:
-        train_model("cnn", build(ModelParams, TINY_CNN, "m"), _train_params(tmp_path),
-                    MlflowParams(), processed_dir=processed)
+        train_model("cnn", mp, p.train, p.mlflow, processed_dir=processed)
     assert time.monotonic() - t0 < 10
     assert uri in str(err.value) and "mlflow server" in str(err.value)
     assert not (tmp_path / "state").exists() and not (tmp_path / "models").exists()
 
 
+NO_MLFLOW = """
+import json, sys
+from fer_pipeline import params as P
+from fer_pipeline.train.stage import train_model
+
+p = P.from_dict(json.loads(sys.argv[1]))
+res = train_model("cnn", p.model("cnn"), p.train, None, processed_dir=sys.argv[2])
+assert "mlflow" not in sys.modules, "mlflow was imported"
+print(json.dumps({"run_id": res.run_id, "model_uri": res.model_uri, "metrics": res.metrics}))
+"""
+
+
+def test_train_without_mlflow_writes_model_and_metrics_and_learns(processed, tmp_path):
+    """mlflow_params=None (benchmarks, the GPU runner): no MLflow import, no tracking; the
+    model, metrics and history are written as always, and the fit learns the cue."""
+    raw = _raw_params(tmp_path, {"cnn": {**CNN, "epochs": 4, "dense_units": []}})
+    out = subprocess.run([sys.executable, "-c", NO_MLFLOW, json.dumps(raw), str(processed)],
+                         env=_env(MLFLOW_TRACKING_URI=_closed_port_uri()), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.splitlines()[-1])
+    assert res["run_id"] is None and res["model_uri"] is None
+    reports = tmp_path / "reports" / "cnn"
+    assert (tmp_path / "models" / "cnn" / "model.keras").is_file()
+    assert json.loads((reports / "metrics.json").read_text()) == res["metrics"]
+    assert len((reports / "history.csv").read_text().splitlines()) == res["metrics"]["epochs_run"] + 1
+    assert not (reports / "mlflow.json").exists()
+    assert not (tmp_path / "state" / "cnn").exists() and not (tmp_path / "mlflow.db").exists()
+    # Training-mode accuracy: after tens of steps BatchNorm's moving statistics are still near
+    # their initial values, so inference-mode (val) accuracy says little at this size.
+    rows = list(csv.DictReader((reports / "history.csv").open()))
+    assert max(float(r["accuracy"]) for r in rows) > 2 / len(CLASSES)   # chance is 1/7
+
+
 def test_cli_resumes_after_kill_from_last_finished_epoch(processed, tmp_path):
-    params = _params_file(tmp_path, {"cnn": {**TINY_CNN, "epochs": 3}})
-    cmd = [str(Path(sys.executable).parent / "fer"), "--params", str(params), "train",
-           "--model", "cnn", "--processed-dir", str(processed)]
+    params = _params_file(tmp_path, {"cnn": {**CNN, "epochs": 3}},
+                          tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cmd = [FER, "--params", str(params), "train", "--model", "cnn", "--processed-dir",
+           str(processed)]
     first = subprocess.run(cmd, env=_env(FER_TRAIN_CRASH_AFTER_EPOCH="1"), cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)
     assert first.returncode == 75, first.stderr[-3000:]
@@ -243,10 +280,9 @@ def test_augmentation_compiles_on_jax_only():
     """One layer with supports_jit=False (Keras sets it on RandomTranslation/RandomZoom) makes
     the whole JAX train step eager: 316 s instead of 1.3 s per epoch on an H200 (results.md)."""
     from fer_pipeline.train.augment import augmentation_layers
-    from fer_pipeline.train.config import AugmentParams
 
-    aug = AugmentParams(rotation=10, width_shift=0.1, height_shift=0.1, zoom=0.1,
-                        horizontal_flip=True, random_erasing=0.5)
+    aug = P.AugmentParams(rotation=10, width_shift=0.1, height_shift=0.1, zoom=0.1,
+                          horizontal_flip=True, random_erasing=0.5)
     jax_layers = augmentation_layers(aug, seed=1, backend="jax")
     assert {layer.name for layer in jax_layers} >= {"aug_shift", "aug_zoom"}
     assert all(layer.supports_jit for layer in jax_layers)
@@ -257,13 +293,13 @@ def test_augmentation_compiles_on_jax_only():
 
 def test_jax_backend_smoke(processed, tmp_path):
     pytest.importorskip("jax")
-    params = _params_file(tmp_path, {"cnn": {**TINY_CNN, "epochs": 1, "augmentation": {
+    params = _params_file(tmp_path, {"cnn": {**CNN, "epochs": 1, "augmentation": {
         "rotation": 10, "width_shift": 0.1, "zoom": 0.1, "horizontal_flip": True}}},
-        {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "log_model": False})
-    out = subprocess.run(
-        [str(Path(sys.executable).parent / "fer"), "--params", str(params), "train", "--model",
-         "cnn", "--processed-dir", str(processed)],
-        env=_env(KERAS_BACKEND="jax"), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", log_model=False)
+    out = subprocess.run([FER, "--params", str(params), "train", "--model", "cnn",
+                          "--processed-dir", str(processed)],
+                         env=_env(KERAS_BACKEND="jax"), cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
 
 
@@ -275,18 +311,17 @@ def test_fernet_recipe_trains_with_smoothing_cosine_and_erasing(processed, tmp_p
     from fer_pipeline.train.models import build_model, trainable_params
     from fer_pipeline.train.stage import train_model
 
-    default = load_train_config(ROOT / "params.yaml").models["fernet"]
+    default = P.load(ROOT / "params.yaml").model("fernet")
     keras.mixed_precision.set_global_policy("float32")
     assert 1.0e6 < trainable_params(build_model(default, 7).model) < 1.5e6
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    mp = build(ModelParams, {
+    mp, p = _params(tmp_path, "fernet", {
         "arch": "fernet", "epochs": 2, "batch_size": 16, "width": 0.25, "dense_units": [],
         "optimizer": "adamw", "weight_decay": 1e-4, "lr_schedule": "cosine", "warmup_epochs": 1,
-        "label_smoothing": 0.1, "augmentation": {"horizontal_flip": True, "random_erasing": 0.5,
-                                                 "contrast": 0.2}}, "models.fernet")
-    res = train_model("fernet", mp, _train_params(tmp_path),
-                      MlflowParams(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-                                   log_model=False), processed_dir=processed)
+        "label_smoothing": 0.1,
+        "augmentation": {"horizontal_flip": True, "random_erasing": 0.5, "contrast": 0.2}},
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", log_model=False)
+    res = train_model("fernet", mp, p.train, p.mlflow, processed_dir=processed)
     assert res.metrics["epochs_run"] == 2 and 0.0 <= res.metrics["val_accuracy"] <= 1.0
     rows = res.history_path.read_text().splitlines()
     lrs = [float(r.split(",")[rows[0].split(",").index("learning_rate")]) for r in rows[1:]]

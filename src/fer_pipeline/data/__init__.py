@@ -1,0 +1,1 @@
+"""Data stages: validate, clean and split, with their shared helpers (manifest, images)."""

@@ -8,14 +8,15 @@ without them too.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
 
 import pandas as pd
 
-from fer_pipeline.params import CleanParams, DataParams, load_params
+from fer_pipeline.data.manifest import read_manifest
+from fer_pipeline.io import atomic_path, write_text
+from fer_pipeline.params import CleanParams, DataParams
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +124,14 @@ def summarize(report: pd.DataFrame) -> dict:
 
 def run_clean(manifest_path: Path, report_path: Path, summary_path: Path,
               data: DataParams, params: CleanParams) -> dict:
-    from fer_pipeline.data.manifest import read_manifest
-
     manifest = read_manifest(manifest_path)
     report = decide(manifest, data, params)
     if len(report) != len(manifest):  # every input file is accounted for
         raise AssertionError("clean report lost rows")
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    report.to_csv(report_path, index=False)
+    with atomic_path(report_path) as tmp:
+        report.to_csv(tmp, index=False)
     summary = summarize(report)
-    summary_path.parent.mkdir(parents=True, exist_ok=True)
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(summary_path, json.dumps(summary, indent=2) + "\n")
     for split in ("train", "test"):
         s = summary.get(split)
         if s:
@@ -144,16 +142,3 @@ def run_clean(manifest_path: Path, report_path: Path, summary_path: Path,
         log.info("clean test flags (kept, reported): %s", summary["test"]["flagged"])
     return summary
 
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("clean", help="decide kept/dropped for every raw file")
-    p.add_argument("--manifest", type=Path, default=Path("data/interim/manifest.csv"))
-    p.add_argument("--report", type=Path, default=Path("data/interim/clean_report.csv"))
-    p.add_argument("--summary", type=Path, default=Path("reports/clean/summary.json"))
-    p.set_defaults(func=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    params = load_params(args.params)
-    run_clean(args.manifest, args.report, args.summary, params.data, params.clean)
-    return 0

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from fer_pipeline.data.images import ImageDecodeError, pixel_hash, read_image
+from fer_pipeline.errors import MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ COLUMNS = [
 ORIGIN_RE = re.compile(r"^(Training|PublicTest|PrivateTest)_")
 
 
-class DatasetMissingError(FileNotFoundError):
+class DatasetMissingError(MissingInputError):
     """The raw dataset folder is absent or empty."""
 
 
@@ -108,6 +109,9 @@ def build_manifest(raw_dir: str | Path, workers: int | None = None) -> pd.DataFr
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
+    if not Path(path).is_file():
+        raise MissingInputError(f"manifest {path} not found; run `fer validate` (or `dvc repro "
+                                f"validate`) first")
     return pd.read_csv(path, keep_default_na=False, na_values={"width": [""], "height": [""],
                        "channels": [""], "pixel_mean": [""], "pixel_std": [""]},
                        dtype={"error": str, "pixel_hash": str, "split": str, "label": str,

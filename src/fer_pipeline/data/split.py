@@ -7,7 +7,6 @@ clean's problem flags.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -19,10 +18,11 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from fer_pipeline.cli import StageError
-from fer_pipeline.data.arrays import TEST_FLAGS, SplitArrays, save_split, split_path
+from fer_pipeline.arrays import TEST_FLAGS, SplitArrays, save_split, split_path
 from fer_pipeline.data.images import read_image, to_dataset_image
-from fer_pipeline.params import CleanParams, DataParams, SplitParams, load_params
+from fer_pipeline.errors import FerError, MissingInputError
+from fer_pipeline.io import write_text
+from fer_pipeline.params import CleanParams, DataParams, SplitParams
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def assign_splits(kept: pd.DataFrame, data: DataParams, params: SplitParams) -> 
     counts = train_folder["label"].value_counts()
     too_small = counts[counts < 2]
     if len(train_folder) == 0 or len(too_small):
-        raise StageError(
+        raise FerError(
             "cannot stratify the train/validation split: classes with fewer than 2 kept "
             f"training images: {dict(too_small) or 'all (no training images kept)'}")
     train, val = train_test_split(
@@ -74,7 +74,8 @@ def run_split(report_path: Path, out_dir: Path, counts_path: Path, data: DataPar
               clean: CleanParams, params: SplitParams) -> dict:
     t0 = time.perf_counter()
     if not report_path.is_file():
-        raise StageError(f"cleaning report {report_path} not found; run `fer clean` first")
+        raise MissingInputError(f"cleaning report {report_path} not found; run `fer clean` "
+                                f"(or `dvc repro clean`) first")
     report = pd.read_csv(report_path, keep_default_na=False, dtype={"split": str, "label": str})
     kept = report[report["decision"] == "kept"]
     parts = assign_splits(kept, data, params)
@@ -98,21 +99,7 @@ def run_split(report_path: Path, out_dir: Path, counts_path: Path, data: DataPar
             counts[name]["PublicTest"] = int((df["origin"] == "PublicTest").sum())
             counts[name]["PrivateTest"] = int((df["origin"] == "PrivateTest").sum())
         log.info("split %s: %d images %s", name, len(df), tuple(x.shape))
-    counts_path.parent.mkdir(parents=True, exist_ok=True)
-    counts_path.write_text(json.dumps(counts, indent=2) + "\n")
+    write_text(counts_path, json.dumps(counts, indent=2) + "\n")
     log.info("split done in %.1f s -> %s", time.perf_counter() - t0, out_dir)
     return counts
 
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("split", help="stratified train/val split; write uint8 arrays")
-    p.add_argument("--report", type=Path, default=Path("data/interim/clean_report.csv"))
-    p.add_argument("--out", type=Path, default=Path("data/processed"))
-    p.add_argument("--counts", type=Path, default=Path("reports/split/counts.json"))
-    p.set_defaults(func=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    params = load_params(args.params)
-    run_split(args.report, args.out, args.counts, params.data, params.clean, params.split)
-    return 0

@@ -9,7 +9,6 @@ handful of bad files is cleaned while a broken dataset stops the run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -20,14 +19,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from fer_pipeline.cli import StageError
 from fer_pipeline.data.manifest import build_manifest, list_dirs
-from fer_pipeline.params import DataParams, ValidateParams, load_params
+from fer_pipeline.errors import FerError
+from fer_pipeline.io import atomic_path, write_text
+from fer_pipeline.params import DataParams, ValidateParams
 
 log = logging.getLogger(__name__)
 
 SUITE_NAME = "fer2013_raw"
 MAX_NAMED = 10  # offending files named in the summary per failed check
+
+
+class DataChecksFailed(FerError):
+    """A hard data check failed: the pipeline stops before anything trains."""
 
 
 @dataclass
@@ -184,11 +188,17 @@ def _describe(cfg: dict) -> str:
 
 
 def validate_dataset(raw_dir: Path, data: DataParams, params: ValidateParams,
-                     manifest_path: Path, reports_dir: Path) -> ValidationOutcome:
+                     manifest_path: Path, reports_dir: Path, *, check: bool = True
+                     ) -> ValidationOutcome:
+    """Measure every raw file (the manifest), run the suite, write the reports, log a summary.
+
+    With `check`, a hard failure raises DataChecksFailed (after the reports are written) naming
+    the offending files; without it the outcome says so (tests inspect it).
+    """
     t0 = time.perf_counter()
     manifest = build_manifest(raw_dir)
-    manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    manifest.to_csv(manifest_path, index=False)
+    with atomic_path(manifest_path) as tmp:
+        manifest.to_csv(tmp, index=False)
     counts = class_counts(manifest, data, params)
     docs_dir = reports_dir / "data_docs"
     if docs_dir.exists():
@@ -233,36 +243,27 @@ def validate_dataset(raw_dir: Path, data: DataParams, params: ValidateParams,
         "seconds": round(time.perf_counter() - t0, 1),
         "class_counts": {f"{r.split}/{r.label}": int(r.count) for r in counts.itertuples()},
     }
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    (reports_dir / "result.json").write_text(json.dumps(
+    write_text(reports_dir / "result.json", json.dumps(
         {"summary": summary, "hard_failures": hard, "soft_failures": soft, "checks": checks,
          "gx_results": results}, indent=1, default=str) + "\n")
-    (reports_dir / "summary.json").write_text(json.dumps(
+    write_text(reports_dir / "summary.json", json.dumps(
         {k: v for k, v in summary.items() if k != "class_counts"}, indent=2) + "\n")
-    return ValidationOutcome(not hard, hard, soft, summary, manifest)
+    outcome = ValidationOutcome(not hard, hard, soft, summary, manifest)
+    _log_summary(outcome, reports_dir)
+    if check and not outcome.success:
+        raise DataChecksFailed(
+            "data checks failed (pipeline stopped):\n  - " + "\n  - ".join(hard)
+            + f"\nFix the raw data under {raw_dir} (or the bounds in params.yaml "
+            "`validate`), then rerun. Full report: " + str(reports_dir / "result.json"))
+    return outcome
 
 
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("validate", help="measure the raw files and run the GX suite")
-    p.add_argument("--manifest", type=Path, default=Path("data/interim/manifest.csv"))
-    p.add_argument("--reports", type=Path, default=Path("reports/validate"))
-    p.set_defaults(func=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    params = load_params(args.params)
-    outcome = validate_dataset(Path(params.data.raw_dir), params.data, params.validate,
-                               args.manifest, args.reports)
+def _log_summary(outcome: ValidationOutcome, reports_dir: Path) -> None:
     s = outcome.summary
     log.info("validate: %d files, %d readable, %d hard and %d soft failures (%.1f s)",
              s["files"], s["readable"], s["hard_failures"], s["soft_failures"], s["seconds"])
     for line in outcome.soft_failures:
         log.warning("soft: %s", line)
-    log.info("report: %s, data docs: %s", args.reports / "result.json",
-             args.reports / "data_docs" / "index.html")
-    if not outcome.success:
-        raise StageError(
-            "data checks failed (pipeline stopped):\n  - " + "\n  - ".join(outcome.hard_failures)
-            + f"\nFix the raw data under {params.data.raw_dir} (or the bounds in params.yaml "
-            "`validate`), then rerun. Full report: " + str(args.reports / "result.json"))
-    return 0
+    log.info("report: %s, data docs: %s", reports_dir / "result.json",
+             reports_dir / "data_docs" / "index.html")
+

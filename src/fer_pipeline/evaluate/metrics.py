@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
-from fer_pipeline.data.arrays import TEST_FLAGS
+from fer_pipeline.arrays import TEST_FLAGS
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""MLflow side of evaluation: per-run evaluation logging, champion choice, model registry.
+"""MLflow side of evaluation: per-run evaluation logging and the model registry.
 
 Scheme: registered model `registry.model_name` (default fer-emotion); its versions are the
 Keras-flavor models that training logged (so the registry points at the trained artifact and
@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from fer_pipeline.evaluate.config import RegistryParams
+from fer_pipeline.params import RegistryParams
 
 log = logging.getLogger(__name__)
 
@@ -24,28 +24,17 @@ HISTORY_TAG = "champion_history"
 HISTORY_MAX_CHARS = 4000
 
 
-def choose_champion(candidates: dict[str, dict[str, Any]]) -> str | None:
-    """Highest validation accuracy (from training); ties: fewer trainable params, then name.
-
-    The test set never takes part. Models without a validation accuracy cannot be chosen.
-    """
-    ranked = [(n, c) for n, c in candidates.items() if c.get("val_accuracy") is not None]
-    if not ranked:
-        return None
-    return min(ranked, key=lambda nc: (-float(nc[1]["val_accuracy"]),
-                                       int(nc[1].get("trainable_params") or 0), nc[0]))[0]
-
-
 def log_evaluation(run_id: str | None, name: str, metrics: dict[str, float], figures: dict[str, Any],
                    per_class: list[dict[str, Any]], tags: dict[str, str]) -> str:
     """Log the evaluation into the model's training run (resumed); a new run if it is gone."""
     import mlflow
     import pandas as pd
+    from mlflow.exceptions import MlflowException
 
     if run_id:
         try:
             mlflow.get_run(run_id)
-        except Exception:  # noqa: BLE001 - other store, deleted run
+        except MlflowException:  # another tracking store, or the run was deleted
             log.warning("%s: training run %s not found in this tracking store; logging the "
                         "evaluation to a new run", name, run_id)
             run_id = None

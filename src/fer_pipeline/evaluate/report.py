@@ -8,20 +8,21 @@ whatever the models are):
   confusion_normalized/<name>.csv   the same rows for DVC's `confusion_normalized` template
   per_class/<name>.csv              precision/recall/F1/support per class
   images/<name>_confusion.png, <name>_confusion_normalized.png, <name>_curves.png
+Every file is written atomically (`fer_pipeline.io`): a crash never leaves half a report.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fer_pipeline.evaluate.metrics import row_normalize
+from fer_pipeline.io import atomic_path, write_json, write_text
+from fer_pipeline.plots import history_figure
 
 COMPARISON_COLUMNS = [
     ("model", "model"), ("arch", "arch"), ("pretrained", "pretrained"),
@@ -41,13 +42,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def confusion_figure(cm: np.ndarray, classes: list[str], title: str, normalized: bool):
@@ -77,24 +71,18 @@ def curves_figure(history_csv: Path, title: str):
         return None
     with history_csv.open() as fh:
         rows = list(csv.DictReader(fh))
-    if not rows:
-        return None
-    from fer_pipeline.train.history import history_figure
-
-    return history_figure(rows, title)
+    return history_figure(rows, title) if rows else None
 
 
 def save_figure(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:   # the temp name keeps `.png`: matplotlib's format
+        fig.savefig(tmp, dpi=100)
 
 
 def write_confusion_csv(path: Path, y: np.ndarray, pred: np.ndarray, classes: list[str]) -> None:
     """Per-image rows for DVC's `confusion` / `confusion_normalized` templates."""
     lines = ["actual,predicted"] + [f"{classes[a]},{classes[p]}" for a, p in zip(y, pred, strict=True)]
-    atomic_write(path, "\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def per_class_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
@@ -103,13 +91,10 @@ def per_class_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _fmt(key: str, value: Any) -> str:
@@ -151,8 +136,8 @@ def write_comparison(out_dir: Path, rows: list[dict[str, Any]], champion: str | 
     ]
     if note.get("registry"):
         lines += [f"Registry: {note['registry']}", ""]
-    atomic_write(out_dir / "comparison.md", "\n".join(lines))
+    write_text(out_dir / "comparison.md", "\n".join(lines))
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    atomic_write(path, json.dumps(metrics, indent=2, sort_keys=False) + "\n")
+    write_json(path, metrics)

@@ -3,20 +3,22 @@ logs the evaluation to each model's MLflow run and registers the champion.
 
 One implementation, `evaluate_models`, used by the CLI, DVC (`evaluate` stage), flows and tests.
 The test split is read here and nowhere else; the champion is chosen by validation accuracy
-from training (reports/train/<name>/metrics.json), never by a test number.
+from training (reports/train/<name>/metrics.json), never by a test number. What training
+leaves is read from files (model, reports), so this stage imports nothing from `train`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fer_pipeline.cli import StageError
-from fer_pipeline.evaluate.config import EvaluateConfig, load_evaluate_config
+from fer_pipeline.errors import FerError, MissingInputError
+from fer_pipeline.io import write_json
+from fer_pipeline.params import EvaluateParams, MlflowParams, ModelParams, RegistryParams, TrainParams
+from fer_pipeline.tracking import data_hashes, setup_tracking
 
 log = logging.getLogger(__name__)
 
@@ -35,54 +37,56 @@ class EvaluationResult:
 
 def _read_json(path: Path, what: str, stage: str) -> dict[str, Any]:
     if not path.is_file():
-        raise StageError(f"{what} not found: {path}. Run `dvc repro {stage}` first.")
+        raise MissingInputError(f"{what} not found: {path}. Run `dvc repro {stage}` first.")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise StageError(f"{what} {path} is not valid JSON ({exc}); rerun `dvc repro {stage}`") from exc
+        raise FerError(f"{what} {path} is not valid JSON ({exc}); rerun `dvc repro {stage}`") from exc
 
 
-def select_models(cfg: EvaluateConfig, names: list[str] | None) -> tuple[list[str], list[str]]:
+def select_models(models: dict[str, ModelParams], models_dir: Path,
+                  names: list[str] | None) -> tuple[list[str], list[str]]:
     """(models to evaluate, models skipped because they are not trained)."""
-    models_dir = Path(cfg.train.train.models_dir)
-    wanted = list(names or cfg.train.models)
-    unknown = [n for n in wanted if n not in cfg.train.models]
+    wanted = list(names or models)
+    unknown = [n for n in wanted if n not in models]
     if unknown:
-        raise StageError(f"no models.{unknown[0]} in params (have: {', '.join(cfg.train.models)})")
+        raise FerError(f"no models.{unknown[0]} in params (have: {', '.join(models)})")
     found = [n for n in wanted if (models_dir / n / "model.keras").is_file()]
     missing = [n for n in wanted if n not in found]
     hint = ", ".join(f"`dvc repro train@{n}`" for n in missing)
     if names and missing:
-        raise StageError(f"model(s) not trained: {', '.join(missing)} (no {models_dir}/<name>/"
-                         f"model.keras). Run {hint} (or `fer train --model NAME`).")
+        raise MissingInputError(f"model(s) not trained: {', '.join(missing)} (no {models_dir}/<name>/"
+                                f"model.keras). Run {hint} (or `fer train --model NAME`).")
     if not found:
-        raise StageError(f"no trained model in {models_dir}/ for {', '.join(wanted)}. "
-                         f"Run `dvc repro train` first.")
+        raise MissingInputError(f"no trained model in {models_dir}/ for {', '.join(wanted)}. "
+                                f"Run `dvc repro train` first.")
     for n in missing:
         log.warning("%s is not trained (no %s): skipped. Run `dvc repro train@%s`.", n,
                     models_dir / n / "model.keras", n)
     return found, missing
 
 
-def evaluate_models(params_path: str | Path = "params.yaml", names: list[str] | None = None,
-                    register: bool | None = None, log_mlflow: bool = True) -> EvaluationResult:
+def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: MlflowParams,
+                    evaluate: EvaluateParams, registry: RegistryParams,
+                    names: list[str] | None = None, register: bool | None = None,
+                    log_mlflow: bool = True) -> EvaluationResult:
     """Evaluate trained models on the test split, write reports, log to MLflow, register.
 
-    register=None follows params `registry.enabled`. log_mlflow=False (and no register) runs
-    without any tracking store: only the report files.
+    `models` are the recipes of params.yaml (which names exist, each one's arch); `train` says
+    where training left models and reports. register=None follows `registry.enabled`.
+    log_mlflow=False (and no register) runs without any tracking store: only the report files.
     """
-    from fer_pipeline.data.arrays import load_split
+    from fer_pipeline.arrays import load_split
+    from fer_pipeline.champion import choose_champion
     from fer_pipeline.evaluate import metrics as M
     from fer_pipeline.evaluate import report as R
-    from fer_pipeline.evaluate.registry import choose_champion, log_evaluation, register_champion
+    from fer_pipeline.evaluate.registry import log_evaluation, register_champion
 
-    cfg = load_evaluate_config(params_path)
-    ep, rp, tc = cfg.evaluate, cfg.registry, cfg.train
-    register = rp.enabled if register is None else register
-    found, skipped = select_models(cfg, names)
-    train_reports = Path(tc.train.reports_dir)
-    models_dir = Path(tc.train.models_dir)
-    out = Path(ep.reports_dir)
+    register = registry.enabled if register is None else register
+    train_reports = Path(train.reports_dir)
+    models_dir = Path(train.models_dir)
+    found, skipped = select_models(models, models_dir, names)
+    out = Path(evaluate.reports_dir)
 
     # Cheap checks first: training reports of every model, tracking store reachable.
     train_metrics = {n: _read_json(train_reports / n / "metrics.json", f"training metrics of {n}",
@@ -90,13 +94,10 @@ def evaluate_models(params_path: str | Path = "params.yaml", names: list[str] | 
     mlflow_info = {n: (json.loads(p.read_text()) if (p := train_reports / n / "mlflow.json").is_file()
                        else {}) for n in found}
     if log_mlflow or register:
-        from fer_pipeline.train import tracking
-
-        uri = tracking.setup_tracking(tc.mlflow.tracking_uri, tc.mlflow.experiment,
-                                      tc.mlflow.probe_timeout_s)
+        uri = setup_tracking(mlflow.tracking_uri, mlflow.experiment, mlflow.probe_timeout_s)
         log.info("MLflow tracking: %s", uri)
 
-    test = load_split(ep.test_path)
+    test = load_split(evaluate.test_path)
     classes = test.classes
     import keras
 
@@ -106,17 +107,17 @@ def evaluate_models(params_path: str | Path = "params.yaml", names: list[str] | 
         model = keras.saving.load_model(models_dir / name / "model.keras", compile=False)
         n_out = int(model.output_shape[-1])
         if n_out != len(classes):
-            raise StageError(f"{name} predicts {n_out} classes but the test split has "
-                             f"{len(classes)} ({', '.join(classes)}); retrain it: "
-                             f"`dvc repro train@{name}`")
-        pred = M.predict_proba(model, test.x, ep.batch_size, ep.tta)
+            raise FerError(f"{name} predicts {n_out} classes but the test split has "
+                           f"{len(classes)} ({', '.join(classes)}); retrain it: "
+                           f"`dvc repro train@{name}`")
+        pred = M.predict_proba(model, test.x, evaluate.batch_size, evaluate.tta)
         del model
         keras.backend.clear_session()
         m = M.compute_metrics(test.y, pred.probs, classes, test.origin, test.flags)
         y_pred = pred.probs.argmax(axis=1)
         cm = M.confusion(test.y, y_pred, len(classes))
         tm = train_metrics[name]
-        row: dict[str, Any] = {"model": name, "arch": mlflow_info[name].get("arch", tc.models[name].arch)}
+        row: dict[str, Any] = {"model": name, "arch": mlflow_info[name].get("arch", models[name].arch)}
         row.update({k: tm.get(k) for k in TRAIN_KEYS if k != "arch"})
         row.update({k: v for k, v in m.items() if k != "per_class"})
         row["images_per_second"] = round(pred.images_per_second, 1)
@@ -150,7 +151,7 @@ def evaluate_models(params_path: str | Path = "params.yaml", names: list[str] | 
             run_id = log_evaluation(
                 mlflow_info[name].get("run_id"), name, flat,
                 {f"evaluation/{k}.png": f for k, f in figs.items()}, pc_rows,
-                {"eval_tta": ep.tta, "test_data_md5": _md5(ep.test_path)})
+                {"eval_tta": evaluate.tta, "test_data_md5": _md5(evaluate.test_path)})
             results[name]["_run_id"] = run_id
         _close(figs.values())
 
@@ -166,7 +167,7 @@ def evaluate_models(params_path: str | Path = "params.yaml", names: list[str] | 
                         "not registered", champion)
         else:
             cinfo = mlflow_info[champion]
-            outcome = register_champion(rp, champion, uri, {
+            outcome = register_champion(registry, champion, uri, {
                 "model_name": champion, "arch": str(cinfo.get("arch", "")),
                 "classes": ",".join(classes), "val_accuracy": str(results[champion]["val_accuracy"]),
                 "test_accuracy": f"{results[champion]['test_accuracy']:.4f}",
@@ -174,17 +175,16 @@ def evaluate_models(params_path: str | Path = "params.yaml", names: list[str] | 
                 "input": "float32 (N,48,48,1) raw grayscale 0..255",
             }).as_dict()
 
-    out.mkdir(parents=True, exist_ok=True)
     R.write_metrics(out / "metrics.json", metrics_out)
     first = results[found[0]]
     note = {k: first[k] for k in ("test_n", "test_n_public", "test_n_private", "test_n_clean")}
-    note.update(tta=ep.tta, batch_size=ep.batch_size,
+    note.update(tta=evaluate.tta, batch_size=evaluate.batch_size,
                 registry=outcome["message"] if outcome else None)
     rows = R.comparison_rows({n: results[n] for n in found})
     R.write_comparison(out, rows, champion, note)
-    R.atomic_write(out / "champion.json", json.dumps({
+    write_json(out / "champion.json", {
         "champion": champion, "val_accuracy": results[champion]["val_accuracy"] if champion else None,
-        "registry": outcome}, indent=2) + "\n")
+        "registry": outcome})
     log.info("champion: %s; comparison in %s", champion, out / "comparison.md")
     return EvaluationResult(results, champion, outcome, out, skipped)
 
@@ -194,8 +194,6 @@ def _f(v: float | None) -> str:
 
 
 def _md5(path: str | Path) -> str:
-    from fer_pipeline.train.tracking import data_hashes
-
     return next(iter(data_hashes([path]).values()))
 
 
@@ -205,23 +203,3 @@ def _close(figs) -> None:
     for fig in figs:
         if fig is not None:
             plt.close(fig)
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    result = evaluate_models(args.params, names=args.model,
-                             register=False if args.no_register else None)
-    print((result.reports_dir / "comparison.md").read_text())
-    return 0
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "evaluate", help="score trained models on the test split, compare, register the champion")
-    p.add_argument("--model", action="append", metavar="NAME",
-                   help="evaluate only this model (repeatable; default: every trained model)")
-    p.add_argument("--no-register", action="store_true",
-                   help="do not touch the model registry (params registry.enabled=false does too)")
-    p.set_defaults(func=_run_cli)
-
-
-__all__ = ["EvaluationResult", "evaluate_models", "add_cli"]

@@ -1,0 +1,1 @@
+"""Train stage: `train_model` (stage.py) and the pieces it is made of."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from fer_pipeline.train.config import AugmentParams
+from fer_pipeline.params import AugmentParams
 
 
 def augmentation_layers(aug: AugmentParams, seed: int | None = None,

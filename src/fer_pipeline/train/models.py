@@ -20,9 +20,9 @@ from pathlib import Path
 
 import keras
 
-from fer_pipeline.cli import StageError
+from fer_pipeline.errors import FerError
+from fer_pipeline.params import ModelParams
 from fer_pipeline.train.augment import augmentation_layers
-from fer_pipeline.train.config import ModelParams
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ IMAGENET_FILES = {
 CAFFE_MEAN = [103.939, 116.779, 123.68]
 
 
-class WeightsUnavailable(StageError):
+class WeightsUnavailable(FerError):
     """Pretrained weights were asked for but cannot be had."""
 
 

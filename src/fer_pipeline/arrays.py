@@ -1,4 +1,4 @@
-"""The split arrays: the one hand-off between the data stages and training/evaluation.
+"""The split arrays: the one hand-off between the split stage and training/evaluation.
 
 Each split is one compressed-free `.npz` (uint8 images load in well under a second):
   x       uint8  (N, H, W, 1)   grayscale images, 0..255, not rescaled
@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from fer_pipeline.errors import MissingInputError
+from fer_pipeline.io import atomic_path
 
 PROCESSED_DIR = Path("data/processed")
 SPLITS = ("train", "val", "test")
@@ -40,25 +43,22 @@ def split_path(directory: str | Path, split: str) -> Path:
 
 
 def save_split(path: str | Path, arrays: SplitArrays) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(
-        tmp,
-        x=arrays.x.astype(np.uint8),
-        y=arrays.y.astype(np.int64),
-        ids=arrays.ids.astype(str),
-        origin=arrays.origin.astype(str),
-        classes=np.asarray(arrays.classes, dtype=str),
-        **{k: v.astype(bool) for k, v in arrays.flags.items()},
-    )
-    tmp.replace(path)  # atomic: a reader never sees half a file
+    with atomic_path(path) as tmp:  # a reader never sees half a file
+        np.savez(
+            tmp,
+            x=arrays.x.astype(np.uint8),
+            y=arrays.y.astype(np.int64),
+            ids=arrays.ids.astype(str),
+            origin=arrays.origin.astype(str),
+            classes=np.asarray(arrays.classes, dtype=str),
+            **{k: v.astype(bool) for k, v in arrays.flags.items()},
+        )
 
 
 def load_split(path: str | Path) -> SplitArrays:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"split arrays not found: {path}. Run `dvc repro split` (or `fer split`) first."
         )
     with np.load(path, allow_pickle=False) as npz:

@@ -1,15 +1,14 @@
-"""MLflow helpers shared by the train and evaluate stages.
+"""Where results are sent and who made them: MLflow tracking URI, run identity, git, data hashes.
 
 Tracking URI: env MLFLOW_TRACKING_URI wins over params `mlflow.tracking_uri`; the default is an
 embedded SQLite file in the project (`sqlite:///mlflow.db`), so nothing has to be started. A
 relative sqlite path is resolved against the project root (the working directory of `dvc repro`).
-An http(s) server is probed before any training, failing in seconds with a clear message.
+An http(s) server is probed before any work, failing in seconds with a clear message.
+Shared by train, evaluate, predict and the runner; imports nothing from the stages.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
 import subprocess
 import urllib.error
@@ -20,15 +19,14 @@ from typing import Any
 
 import yaml
 
-from fer_pipeline.cli import StageError
-
-log = logging.getLogger(__name__)
+from fer_pipeline.errors import TransientError
+from fer_pipeline.io import md5_file
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-PIPELINE_RUN_ENV = "FER_PIPELINE_RUN_ID"
+RUN_ID_ENV = "FER_PIPELINE_RUN_ID"
 
 
-class TrackingUnavailable(StageError):
+class TrackingUnavailable(TransientError):
     """The configured MLflow tracking server cannot be reached."""
 
 
@@ -81,33 +79,32 @@ def setup_tracking(params_uri: str | None, experiment: str, timeout: float = 3.0
 
 def pipeline_run_id() -> str:
     """Groups the runs of one pipeline execution; set FER_PIPELINE_RUN_ID to share it."""
-    rid = os.environ.get(PIPELINE_RUN_ENV)
+    rid = os.environ.get(RUN_ID_ENV)
     if not rid:
         rid = uuid.uuid4().hex[:12]
-        os.environ[PIPELINE_RUN_ENV] = rid
+        os.environ[RUN_ID_ENV] = rid
     return rid
 
 
+def git_info(root: str | Path = ".") -> dict[str, str]:
+    """{"commit", "dirty" ("true"/"false"), "branch"}; commit "unknown" outside a git checkout."""
+    def git(*args: str) -> str:
+        try:
+            res = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                 timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return res.stdout.strip() if res.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    dirty = commit != "unknown" and bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"commit": commit, "dirty": str(dirty).lower(), "branch": git("branch", "--show-current")}
+
+
 def git_commit(root: str | Path = ".") -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    if out.returncode != 0:
-        return "unknown"
-    commit = out.stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                           capture_output=True, text=True, timeout=10).stdout.strip()
-    return commit + ("-dirty" if dirty else "")
-
-
-def md5_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()  # noqa: S324 - DVC's hash
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    """HEAD's commit, with "-dirty" when tracked files are modified."""
+    info = git_info(root)
+    return info["commit"] + ("-dirty" if info["dirty"] == "true" else "")
 
 
 def data_hashes(paths: list[str | Path], lock: str | Path = "dvc.lock") -> dict[str, str]:

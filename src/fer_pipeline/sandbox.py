@@ -1,7 +1,8 @@
 """A throw-away git + DVC copy of this project on tiny synthetic data (tests and demos).
 
 It holds the project's own dvc.yaml, src/ and params.yaml, with the data bounds shrunk and the
-models shrunk to a few seconds of CPU each; nothing here redefines a stage.
+models shrunk to a few seconds of CPU each; nothing here redefines a stage. `tiny_params` is
+the one builder of small params for tests, demos and this sandbox.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any
 
 import yaml
 
+from fer_pipeline import params as P
 from fer_pipeline.synthetic import make_raw_tree
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]   # the checkout this package is installed from
 TINY_CNN = {"epochs": 1, "batch_size": 16, "width": 0.125, "conv_filters": [32, 64],
             "dense_units": [64], "early_stopping_patience": 1}
 
@@ -30,17 +32,29 @@ def sh(*cmd: str, cwd: Path) -> str:
     return res.stdout + res.stderr
 
 
-def tiny_params(mlflow_uri: str, n_models: int = 2) -> dict[str, Any]:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"]["raw_dir"] = "data/raw/fer2013"
+def tiny_params(raw_dir: str | Path = "data/raw/fer2013", *, mlflow_uri: str | None = None,
+                n_models: int | None = None, **sections: dict[str, Any]) -> dict[str, Any]:
+    """The project's params.yaml with bounds shrunk for tiny synthetic datasets.
+
+    n_models: keep that many custom-CNN models, shrunk to seconds of CPU (float32).
+    mlflow_uri: log there, without logged models. sections: {section: {key: value}} updates.
+    The result is checked like params.yaml itself.
+    """
+    params = P.load_raw(ROOT / "params.yaml")
+    params["data"]["raw_dir"] = str(raw_dir)
     params["validate"].update({"class_count_min": {"train": 2, "test": 1},
                                "class_count_max": {"train": 1000, "test": 1000},
                                "max_bad_file_fraction": 0.2})
-    models = params.get("models") or {}
-    keep = [n for n, m in models.items() if m.get("arch") == "custom_cnn"][:n_models]
-    params["models"] = {n: {**models[n], **TINY_CNN} for n in keep}
-    params.setdefault("train", {})["precision"] = "float32"
-    params.setdefault("mlflow", {}).update({"tracking_uri": mlflow_uri, "log_model": False})
+    if n_models is not None:
+        models = params.get("models") or {}
+        keep = [n for n, m in models.items() if m.get("arch") == "custom_cnn"][:n_models]
+        params["models"] = {n: {**models[n], **TINY_CNN} for n in keep}
+        params["train"]["precision"] = "float32"
+    if mlflow_uri:
+        params["mlflow"].update({"tracking_uri": mlflow_uri, "log_model": False})
+    for key, value in sections.items():
+        params.setdefault(key, {}).update(value)
+    P.from_dict(params)   # a builder must not produce params the loader rejects
     return params
 
 
@@ -55,7 +69,8 @@ def make_project(base: Path, mlflow_uri: str | None = None, n_models: int = 2,
         shutil.copytree(ROOT / "profiles", repo / "profiles")
     make_raw_tree(repo / "data/raw/fer2013", per_class or {"train": 8, "test": 3})
     uri = mlflow_uri or f"sqlite:///{Path(base).resolve() / 'mlflow.db'}"
-    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(uri, n_models), sort_keys=False))
+    params = tiny_params("data/raw/fer2013", mlflow_uri=uri, n_models=n_models)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / ".gitignore").write_text("/.cache/\n")
     sh("git", "init", "-q", "-b", "main", cwd=repo)
     sh("git", "config", "user.email", "sandbox@fer", cwd=repo)

@@ -1,0 +1,75 @@
+"""What every benchmark script shares: a description of the machine, and the one way to append
+a dated section (with the git commit it ran at) to benchmarks/results.md.
+
+Scripts run as `python benchmarks/<script>.py`, so `import common` finds this file; the
+package itself is installed (editable) in the venv.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from fer_pipeline.tracking import git_info
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).with_name("results.md")
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's native bf16 matmul flags (what `train.precision: auto` looks at)."""
+    from fer_pipeline.train.precision import cpu_flags
+
+    flags = cpu_flags()
+    return [f for f in BF16_FLAGS if f in flags]
+
+
+def machine(backend: str | None = None, policy: str | None = None) -> str:
+    """"<CPU>, <n> cores, <OS> (<bf16 flags>)[; keras backend X][; policy Y]"."""
+    text = (f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} "
+            f"({', '.join(cpu_bf16_flags()) or 'no AMX/AVX512-BF16'})")
+    if backend:
+        text += f"; keras backend {backend}"
+    if policy:
+        text += f"; dtype policy {policy}"
+    return text
+
+
+def command_line() -> str:
+    """How this script was started, for the results' `command:` line."""
+    return shlex.join(["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+
+
+def commit() -> str:
+    info = git_info(ROOT)
+    short = info["commit"][:7] if info["commit"] != "unknown" else "unknown"
+    return short + ("-dirty" if info["dirty"] == "true" else "")
+
+
+def append_results(title: str, body_markdown: str, command: str | None = None,
+                   results: str | Path = RESULTS) -> str:
+    """Append `## <date> - <title> - commit <sha>` + the command + `body_markdown` to
+    `results`; returns the section (scripts print it too)."""
+    section = (f"\n## {datetime.now():%Y-%m-%d %H:%M} - {title} - commit {commit()}\n\n"
+               f"- command: `{command or command_line()}`\n{body_markdown.rstrip()}\n")
+    results = Path(results)
+    if not results.exists():
+        results.write_text("# Benchmark results\n")
+    with results.open("a") as fh:
+        fh.write(section)
+    return section

@@ -1,0 +1,176 @@
+"""How a model is trained, from its `models.<name>` params: optimizer and schedule, loss and
+targets, class weights, and the callbacks that run each epoch (progress/history, best-epoch
+model, early stopping, learning-rate reduction). Keras only; nothing here knows MLflow or
+where the resume state lives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from fer_pipeline.params import ModelParams
+from fer_pipeline.train.artifacts import save_model
+
+log = logging.getLogger(__name__)
+
+CRASH_ENV = "FER_TRAIN_CRASH_AFTER_EPOCH"   # tests: hard-exit after this many finished epochs
+
+
+def optimizer(mp: ModelParams, steps_per_epoch: int = 1) -> keras.optimizers.Optimizer:
+    lr: Any = mp.learning_rate
+    if mp.lr_schedule == "cosine":
+        warmup = mp.warmup_epochs * steps_per_epoch
+        total = max(1, mp.epochs * steps_per_epoch - warmup)
+        # Warm-up from lr/10 to lr, then cosine decay to 1% of lr over the remaining epochs.
+        lr = keras.optimizers.schedules.CosineDecay(
+            lr / 10 if warmup else lr, total, alpha=0.01,
+            warmup_target=lr if warmup else None, warmup_steps=warmup)
+    if mp.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=mp.weight_decay)
+    if mp.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True,
+                                    weight_decay=mp.weight_decay or None)
+    cls = {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop}[mp.optimizer]
+    return cls(learning_rate=lr)
+
+
+def loss_and_targets(mp: ModelParams, n_classes: int
+                     ) -> tuple[Any, Any, Callable[[np.ndarray], np.ndarray]]:
+    """Sparse cross-entropy (the study), or one-hot targets with label smoothing. Returns
+    (loss, accuracy metric, function mapping int labels to the targets fit needs)."""
+    if not mp.label_smoothing:
+        return "sparse_categorical_crossentropy", "accuracy", lambda y: y
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=mp.label_smoothing)
+    eye = np.eye(n_classes, dtype=np.float32)
+    return loss, keras.metrics.CategoricalAccuracy(name="accuracy"), lambda y: eye[y]
+
+
+def compile_for_fit(model: keras.Model, mp: ModelParams, n_classes: int,
+                    steps_per_epoch: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Compile `model` with the recipe's optimizer, loss and metric; returns the targets map."""
+    loss, metric, targets = loss_and_targets(mp, n_classes)
+    model.compile(optimizer=optimizer(mp, steps_per_epoch), loss=loss, metrics=[metric])
+    return targets
+
+
+def class_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:
+    """sklearn's "balanced" weights, for the classes present in `y`."""
+    counts = np.bincount(y, minlength=n_classes).astype(float)
+    present = counts > 0
+    w = np.zeros(n_classes)
+    w[present] = len(y) / (present.sum() * counts[present])
+    return {i: float(w[i]) for i in range(n_classes) if present[i]}
+
+
+def mode(monitor: str) -> str:
+    """"max" for accuracies, "min" for losses."""
+    return "max" if monitor.endswith("accuracy") else "min"
+
+
+def best_row(rows: Sequence[dict[str, Any]], monitor: str) -> dict[str, Any]:
+    pick = max if mode(monitor) == "max" else min
+    return pick(rows, key=lambda r: float(r[monitor]))
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """One progress line per epoch, and the history rows (restored ones first) handed to
+    `listeners` after each epoch (resume state, MLflow)."""
+
+    def __init__(self, total_epochs: int, n_images: int, rows: list[dict[str, Any]],
+                 listeners: Sequence[Callable[[list[dict[str, Any]]], None]] = ()) -> None:
+        super().__init__()
+        self.total, self.n = total_epochs, n_images
+        self.rows = list(rows)
+        self.listeners = list(listeners)
+        self.first_epoch: int | None = None
+        self._t0 = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.first_epoch is None:
+            self.first_epoch = epoch
+            # Drop rows of epochs that will be redone (killed before their backup).
+            self.rows = [r for r in self.rows if int(r["epoch"]) < epoch]
+            if epoch:
+                log.info("resuming from epoch %d (epochs 1-%d restored)", epoch + 1, epoch)
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        secs = time.perf_counter() - self._t0
+        lr = logs.get("learning_rate")
+        if lr is None:
+            try:
+                lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            except Exception:  # noqa: BLE001 - a schedule object: not worth failing over
+                lr = float("nan")
+        row = {"epoch": epoch, "seconds": round(secs, 3), "learning_rate": float(lr)}
+        for k in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            row[k] = float(logs.get(k, float("nan")))
+        self.rows.append(row)
+        for listener in self.listeners:
+            listener(self.rows)
+        log.info("epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  "
+                 "lr %.2g  %.1fs (%.0f img/s)", epoch + 1, self.total, row["loss"],
+                 row["accuracy"], row["val_loss"], row["val_accuracy"], row["learning_rate"],
+                 secs, self.n / max(secs, 1e-9))
+
+
+class BestKeeper(keras.callbacks.Callback):
+    """Keeps the full model of the best epoch (by `monitor`) in `path`, atomically."""
+
+    def __init__(self, full_model: keras.Model, path: Path, monitor: str,
+                 prior_best: float | None) -> None:
+        super().__init__()
+        self.full, self.path, self.monitor = full_model, path, monitor
+        self.sign = 1.0 if mode(monitor) == "max" else -1.0
+        self.best = prior_best
+        self.best_epoch: int | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            return
+        if self.best is None or self.sign * (value - self.best) > 0 or not self.path.exists():
+            self.best, self.best_epoch = float(value), epoch
+            save_model(self.full, self.path)
+
+
+class CrashAfter(keras.callbacks.Callback):
+    """Simulates a kill (no cleanup) once `n` epochs are finished and backed up."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 >= self.n:
+            log.warning("%s=%d: hard exit after epoch %d", CRASH_ENV, self.n, epoch + 1)
+            os._exit(75)
+
+
+def crash_after_from_env() -> list[keras.callbacks.Callback]:
+    """[CrashAfter(n)] when FER_TRAIN_CRASH_AFTER_EPOCH=n is set (tests), else []."""
+    n = os.environ.get(CRASH_ENV)
+    return [CrashAfter(int(n))] if n else []
+
+
+def callbacks(mp: ModelParams, logger: EpochLogger, keeper: BestKeeper
+              ) -> list[keras.callbacks.Callback]:
+    """The epoch logger and best-model keeper, then the schedule and early stopping."""
+    out: list[keras.callbacks.Callback] = [logger, keeper]
+    if mp.lr_schedule == "plateau":   # a cosine schedule owns the learning rate itself
+        out.append(keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=mp.reduce_lr.factor, patience=mp.reduce_lr.patience,
+            min_delta=mp.reduce_lr.min_delta, min_lr=mp.reduce_lr.min_lr, verbose=1))
+    out.append(keras.callbacks.EarlyStopping(
+        monitor=mp.monitor, mode=mode(mp.monitor), patience=mp.early_stopping_patience,
+        restore_best_weights=True, verbose=1))
+    return out

@@ -1,0 +1,91 @@
+"""The one params loader: every section typed, unknown keys named with the closest valid one,
+overrides checked the same way, dataclass defaults equal to params.yaml's values."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from fer_pipeline import params as P
+from fer_pipeline.cli import main
+from fer_pipeline.sandbox import ROOT
+
+RAW = P.load_raw(ROOT / "params.yaml")
+
+
+def test_params_yaml_loads_with_every_section_typed():
+    p = P.load(ROOT / "params.yaml")
+    assert set(RAW) == {f.name for f in dataclasses.fields(P.Params)}
+    assert p.model("fernet").augmentation.random_erasing == RAW["models"]["fernet"]["augmentation"][
+        "random_erasing"]
+    assert p.evaluate.tta == RAW["evaluate"]["tta"]
+
+
+@pytest.mark.parametrize("section", ["data", "validate", "clean", "split", "train", "mlflow",
+                                     "evaluate", "registry"])
+def test_dataclass_defaults_equal_params_yaml(section):
+    """A default in code that disagrees with params.yaml would change a run that omits the key."""
+    cls = type(getattr(P.Params(), section))
+    default = dataclasses.asdict(cls())
+    assert {k: default[k] for k in RAW[section]} == P.to_dict(getattr(P.load(ROOT / "params.yaml"),
+                                                                      section))
+
+
+def test_model_defaults_are_the_study_custom_cnn():
+    study = P.load(ROOT / "params.yaml").model("custom_cnn")
+    default = P.ModelParams()
+    for key in RAW["models"]["custom_cnn"]:
+        assert getattr(default, key) == getattr(study, key), key
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r.update(registy=r.pop("registry")), "unknown key registy (did you mean registry?)"),
+    (lambda r: r["models"]["fernet"].update(epoch=3),
+     "unknown key models.fernet.epoch (did you mean models.fernet.epochs?)"),
+    (lambda r: r["models"]["fernet"]["augmentation"].update(zom=0.1),
+     "models.fernet.augmentation.zom (did you mean models.fernet.augmentation.zoom?)"),
+    (lambda r: r["train"].update(precision="bf16"), "train.precision must be one of"),
+    (lambda r: r["split"].update(seed="x"), "split.seed must be int, got 'x'"),
+])
+def test_unknown_or_mistyped_keys_fail_by_dotted_name(tmp_path, edit, message):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    edit(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(P.ParamsError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("?", r"\?")):
+        P.load(path)
+
+
+def test_overrides_are_checked_like_the_file():
+    p = P.load(ROOT / "params.yaml", ["models.fernet.epochs=3", "models.vgg16.weights=null"])
+    assert p.model("fernet").epochs == 3 and p.model("vgg16").weights is None
+    assert P.load(ROOT / "params.yaml", {"models.fernet.input_size": 64}).model("fernet").input_size == 64
+    with pytest.raises(P.ParamsError, match=r"models.fernt \(did you mean models.fernet\?\)"):
+        P.load(ROOT / "params.yaml", ["models.fernt.epochs=1"])   # would create a model
+    with pytest.raises(P.ParamsError, match="models.fernet.epochs must be int"):
+        P.load(ROOT / "params.yaml", ["models.fernet.epochs=many"])
+    with pytest.raises(P.ParamsError, match="KEY=VALUE"):
+        P.parse_overrides(["models.fernet.epochs"])
+
+
+@pytest.mark.parametrize("argv", [["train", "--model", "fernet"], ["evaluate"], ["split"],
+                                  ["predict", "x.jpg"]])
+def test_every_command_rejects_a_misspelt_params_file(tmp_path, capsys, argv):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["models"]["fernet"]["learning_rat"] = raw["models"]["fernet"].pop("learning_rate")
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["--params", str(path), *argv]) == 1
+    err = capsys.readouterr().err
+    assert "models.fernet.learning_rat (did you mean models.fernet.learning_rate?)" in err
+    assert "Traceback" not in err
+
+
+def test_fer_run_rejects_a_misspelt_override_before_dvc_runs(capsys):
+    assert main(["--params", str(ROOT / "params.yaml"), "run", "--dry",
+                 "-S", "models.fernt.epochs=1"]) == 1
+    captured = capsys.readouterr()
+    assert "did you mean models.fernet?" in captured.err and "$ dvc" not in captured.out
