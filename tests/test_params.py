@@ -50,7 +50,7 @@ def test_model_defaults_are_the_study_custom_cnn():
     (lambda r: r["split"].update(seed="x"), "split.seed must be int, got 'x'"),
 ])
 def test_unknown_or_mistyped_keys_fail_by_dotted_name(tmp_path, edit, message):
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = P.load_raw(ROOT / "params.yaml")
     edit(raw)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -74,7 +74,7 @@ def test_overrides_are_checked_like_the_file():
 @pytest.mark.parametrize("argv", [["train", "--model", "fernet"], ["evaluate"], ["split"],
                                   ["predict", "x.jpg"]])
 def test_every_command_rejects_a_misspelt_params_file(tmp_path, capsys, argv):
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = P.load_raw(ROOT / "params.yaml")
     raw["models"]["fernet"]["learning_rat"] = raw["models"]["fernet"].pop("learning_rate")
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))

@@ -10,7 +10,7 @@ from PIL import Image
 from fer_pipeline.cli import main
 from fer_pipeline.data.manifest import DatasetMissingError
 from fer_pipeline.data.validate import DataChecksFailed, validate_dataset
-from fer_pipeline.params import load
+from fer_pipeline.params import load, load_raw
 
 
 def _validate(tmp_path: Path, params_file: Path):
@@ -102,7 +102,7 @@ def test_hard_failure_raises_a_user_error_after_writing_reports(tmp_path, params
 ])
 def test_misspelt_params_file_exits_non_zero_naming_the_key(tmp_path, params_file, capsys,
                                                            monkeypatch, edit, named):
-    raw = yaml.safe_load(params_file.read_text())
+    raw = load_raw(params_file)
     edit(raw)
     params_file.write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
