@@ -86,14 +86,27 @@ def _run(args: argparse.Namespace) -> int:
     import shlex
     import subprocess
 
-    from fer_pipeline.profiles import dvc_command, load_profile
+    from fer_pipeline.profiles import dvc_command, experiment_name, load_profile
+    from fer_pipeline.tracking import resolve_tracking_uri
 
     overrides = {**(load_profile(args.profile) if args.profile else {}),
                  **P.parse_overrides(args.sets)}
-    P.load(args.params, overrides)   # a typo fails here, not inside `dvc exp run`
-    cmd = dvc_command(overrides, args.targets, args.queue)
+    p = P.load(args.params, overrides)   # a typo fails here, not inside `dvc exp run`
+    name = args.name or experiment_name(args.profile)
+    cmd = dvc_command(overrides, args.targets, args.queue, name)
     print("$ " + shlex.join(cmd), flush=True)
-    return 0 if args.dry else subprocess.call(cmd)
+    if args.dry:
+        return 0
+    # The experiment runs in a temporary copy without the checkout's (gitignored) MLflow store:
+    # point it at the checkout's store, resolved here.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": resolve_tracking_uri(p.mlflow.tracking_uri)}
+    rc = subprocess.call(cmd, env=env)
+    if rc == 0 and not args.queue:
+        print(f"\nexperiment {name}: the checkout is unchanged. Compare: `dvc exp show`; its "
+              f"reports: `git show $(git for-each-ref --format='%(refname)' refs/exps | grep "
+              f"/{name}$):reports/evaluate/comparison.md`; take it over: `dvc exp apply {name}`; "
+              f"MLflow: runs tagged pipeline_run_id in {env['MLFLOW_TRACKING_URI']}")
+    return rc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-S", "--set", dest="sets", action="append", default=[],
                    metavar="KEY=VALUE", help="extra param override (repeatable)")
     p.add_argument("--queue", action="store_true", help="queue instead of running now")
+    p.add_argument("-n", "--name", help="experiment name (default: run-<profile>-<UTC time>)")
     p.add_argument("--dry", action="store_true", help="print the dvc command only")
     p.add_argument("targets", nargs="*", help="stages to run (default: the whole pipeline)")
     p.set_defaults(func=_run)

@@ -1,9 +1,9 @@
 """Named profiles: sets of param overrides applied the way `dvc exp run -S` applies them.
 
 A profile is `profiles/<name>.yaml`, a flat mapping of dotted param keys to values. `fer run
---profile quick` turns it into `dvc exp run -S key=value ...`, so the run is an ordinary DVC
-experiment (visible in `dvc exp show`, comparable with `dvc metrics diff`) and params.yaml
-stays the single source of truth for what ran.
+--profile quick` turns it into `dvc exp run --temp -S key=value ...`, so the run is an ordinary
+DVC experiment (visible in `dvc exp show`, comparable with `dvc metrics diff`) that runs in a
+temporary copy of the project: the checkout's params.yaml, dvc.lock and reports never change.
 """
 
 from __future__ import annotations
@@ -39,7 +39,16 @@ def set_args(overrides: dict[str, Any]) -> list[str]:
     return out
 
 
-def dvc_command(overrides: dict[str, Any], targets: list[str], queue: bool = False) -> list[str]:
-    """`dvc exp run --pull [--queue] -S ... [targets]` for already-checked overrides."""
-    return ["dvc", "exp", "run", "--pull", *(["--queue"] if queue else []),
-            *set_args(overrides), *targets]
+def dvc_command(overrides: dict[str, Any], targets: list[str], queue: bool = False,
+                name: str | None = None) -> list[str]:
+    """`dvc exp run --pull --temp|--queue [-n NAME] -S ... [targets]` for already-checked
+    overrides: a temporary copy now, or the queue (`dvc queue start`); never the checkout."""
+    return ["dvc", "exp", "run", "--pull", "--queue" if queue else "--temp",
+            *(["-n", name] if name else []), *set_args(overrides), *targets]
+
+
+def experiment_name(profile: str | None) -> str:
+    """`run-<profile>-<UTC time>`: unique, sortable, says what ran."""
+    import datetime as dt
+
+    return f"run-{profile or 'params'}-{dt.datetime.now(dt.UTC).strftime('%Y%m%d-%H%M%S')}"

@@ -40,6 +40,22 @@ def resolve_tracking_uri(params_uri: str | None = None, root: str | Path = ".") 
     return uri
 
 
+def portable_uri(uri: str, root: str | Path = ".") -> str:
+    """The URI as a committed file may hold it: no path of this machine. A local store inside
+    `root` becomes relative (`sqlite:///mlflow.db`); one outside keeps only its file name
+    (`sqlite:///<outside>/mlflow.db`); server URLs stay as they are."""
+    prefix = next((p for p in ("sqlite:///", "file://") if uri.startswith(p)), "")
+    if not prefix and "://" in uri:
+        return uri                      # a server
+    path = uri[len(prefix):]
+    if not path.startswith("/"):
+        return uri                      # already relative
+    try:
+        return prefix + str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return f"{prefix}<outside>/{Path(path).name}"
+
+
 def check_reachable(uri: str, timeout: float = 3.0) -> None:
     """Fail fast (seconds) when an http(s) tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):

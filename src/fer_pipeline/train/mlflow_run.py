@@ -102,7 +102,9 @@ class MlflowRun(NoRun):
             self.model_uri = log_model(model, x_example)
 
     def summary(self, info: dict[str, Any]) -> dict[str, Any]:
-        """What mlflow.json records: where the run is, and the model's facts."""
-        return {"run_id": self.run_id, "model_uri": self.model_uri, "tracking_uri": self.uri,
+        """What mlflow.json records: where the run is (no path of this machine: the file is
+        committed), and the model's facts."""
+        return {"run_id": self.run_id, "model_uri": self.model_uri,
+                "tracking_uri": tracking.portable_uri(self.uri),
                 "experiment": self.params.experiment,
                 "pipeline_run_id": self.tags.get("pipeline_run_id"), **info}

@@ -1,0 +1,40 @@
+"""`fer run` (the README's `make run`) works in a temporary copy: the checkout never changes."""
+
+from __future__ import annotations
+
+import subprocess
+
+import yaml
+
+from fer_pipeline.sandbox import make_project, sh
+
+
+def _tracked_state(repo):
+    return {p: (repo / p).read_bytes() for p in ("params.yaml", "dvc.yaml")}
+
+
+def test_fer_run_leaves_the_checkout_untouched_and_records_an_experiment(tmp_path):
+    repo = make_project(tmp_path, n_models=1)
+    before = _tracked_state(repo)
+    res = subprocess.run(["fer", "run", "-n", "smoke", "-S", "models.custom_cnn.epochs=2"],
+                         cwd=repo, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "the checkout is unchanged" in res.stdout
+    # The checkout: no tracked file changed, no stage output or lock written into it.
+    assert sh("git", "status", "--porcelain", cwd=repo).strip() == ""
+    assert _tracked_state(repo) == before
+    assert not (repo / "dvc.lock").exists() and not (repo / "reports").exists()
+    # The experiment holds the run: its params (with the override), lock and reports.
+    ref = sh("git", "for-each-ref", "--format=%(refname)", "refs/exps", cwd=repo).split()
+    (smoke,) = [r for r in ref if r.endswith("/smoke")]
+    params = yaml.safe_load(sh("git", "show", f"{smoke}:params.yaml", cwd=repo))
+    assert params["models"]["custom_cnn"]["epochs"] == 2
+    assert "Champion" in sh("git", "show", f"{smoke}:reports/evaluate/comparison.md", cwd=repo)
+    mlflow_json = sh("git", "show", f"{smoke}:reports/train/custom_cnn/mlflow.json", cwd=repo)
+    assert str(tmp_path) not in mlflow_json          # no path of this machine in a committed file
+    # MLflow logged into the checkout's store (params: base/mlflow.db), not the throw-away copy.
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.data.tags.get("model_name") for r in runs] == ["custom_cnn"]
