@@ -28,6 +28,7 @@ from prefect.futures import wait
 from prefect.runtime import flow_run
 
 from fer_pipeline import orchestrate as orch
+from fer_pipeline import params as P
 from fer_pipeline.errors import FerError, TransientError
 from fer_pipeline.tracking import git_info
 
@@ -59,11 +60,12 @@ def _run_id() -> str:
 
 @task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE, retries=RETRIES,
       retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=only_transient)
-def dvc_stage(stage: str, project_dir: str, run_id: str) -> dict[str, Any]:
-    """One stage in the project workspace: `dvc repro --single-item <stage>`."""
+def dvc_stage(stage: str, project_dir: str, run_id: str, store_dir: str) -> dict[str, Any]:
+    """One stage in the run's copy of the project: `dvc repro --single-item <stage>`
+    (MLflow: the checkout `store_dir`'s store)."""
     logger = get_run_logger()
     with _PROJECT_LOCK:
-        result = orch.run_stage(stage, project_dir, env=orch.stage_env(project_dir, run_id),
+        result = orch.run_stage(stage, project_dir, env=orch.stage_env(store_dir, run_id),
                                 log=logger.info)
     logger.info("%s: %s in %.1fs", stage, result.status, result.seconds)
     return result.as_dict()
@@ -71,8 +73,9 @@ def dvc_stage(stage: str, project_dir: str, run_id: str) -> dict[str, Any]:
 
 @task(name="run-in-workspace", task_run_name="{stage} in workspace", cache_policy=NO_CACHE)
 def run_in_workspace(stage: str, workspace: str, project_dir: str, run_id: str) -> dict[str, Any]:
-    """The stage itself, in its own workspace. Tagged `gpu` for training stages, so the tag
-    concurrency limit `gpu` caps how many run at once."""
+    """The stage itself, in its own workspace (MLflow: the checkout `project_dir`'s store).
+    Tagged `gpu` for training stages, so the tag concurrency limit `gpu` caps how many run at
+    once."""
     logger = get_run_logger()
     logger.info("host %s, pid %d, workspace %s", socket.gethostname(), os.getpid(), workspace)
     result = orch.run_stage(stage, workspace, env=orch.stage_env(project_dir, run_id), log=logger.info)
@@ -82,7 +85,8 @@ def run_in_workspace(stage: str, workspace: str, project_dir: str, run_id: str) 
 
 @flow(name="fer-train", log_prints=True)
 def fer_train(stage: str, workspace: str, project_dir: str, run_id: str) -> dict[str, Any]:
-    """One foreach item (e.g. train@vgg16) in a prepared workspace: the unit a `gpu` worker runs."""
+    """One foreach item (e.g. train@vgg16) in a prepared workspace: the unit a `gpu` worker runs.
+    `project_dir` is the checkout (for its MLflow store)."""
     os.environ[orch.RUN_ID_ENV] = run_id
     started = time.time()
     # Who ran it, for the parent's report (the return value itself is not persisted), and on a
@@ -107,9 +111,11 @@ def _tagged(stage: str):
 
 @task(name="parallel-stage", task_run_name="{stage}", cache_policy=NO_CACHE, retries=RETRIES,
       retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=only_transient)
-def parallel_stage(stage: str, project_dir: str, run_id: str, dispatch: str) -> dict[str, Any]:
+def parallel_stage(stage: str, project_dir: str, run_id: str, dispatch: str,
+                   store_dir: str) -> dict[str, Any]:
     """A foreach item: skip if current; else run it in its own workspace (here or on a worker),
-    then copy its outputs back and `dvc commit` them into the project's dvc.lock."""
+    then copy its outputs back and `dvc commit` them into the run copy's dvc.lock (nothing else
+    writes the run copy, so what is committed is what the stage ran on)."""
     logger = get_run_logger()
     with _PROJECT_LOCK:
         if orch.stage_is_current(stage, project_dir):
@@ -122,7 +128,7 @@ def parallel_stage(stage: str, project_dir: str, run_id: str, dispatch: str) -> 
         Path(ws, RUN_INFO).unlink(missing_ok=True)   # a retry must not read the last try's
         child = run_deployment(TRAIN_DEPLOYMENT, timeout=None, poll_interval=2,
                                parameters={"stage": stage, "workspace": ws,
-                                           "project_dir": project_dir, "run_id": run_id},
+                                           "project_dir": store_dir, "run_id": run_id},
                                flow_run_name=f"{stage}")
         info_file = Path(ws, RUN_INFO)
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
@@ -137,7 +143,7 @@ def parallel_stage(stage: str, project_dir: str, run_id: str, dispatch: str) -> 
         result = {"stage": stage, "status": "ran", "workspace": ws, "flow_run": child.name,
                   "seconds": round(child.total_run_time.total_seconds(), 1), **info}
     else:
-        result = _tagged(stage)(stage, ws, project_dir, run_id)
+        result = _tagged(stage)(stage, ws, store_dir, run_id)
     with _PROJECT_LOCK:
         orch.bring_back(project_dir, stage, ws, log=logger.info)
     return result
@@ -153,7 +159,7 @@ def fer_pipeline(
     profile: str | None = None,
     dispatch: Literal["local", "workers"] = "local",
     save_experiment: bool = True,
-    restore_params: bool = True,
+    adopt: bool = True,
 ) -> dict[str, Any]:
     """Run dvc.yaml's stages.
 
@@ -166,9 +172,14 @@ def fer_pipeline(
         profile: a profiles/<name>.yaml applied first (e.g. quick).
         dispatch: "local" runs foreach items in this run's threads; "workers" sends each to the
             `fer-train/gpu` deployment so different workers run them.
-        save_experiment: record the finished workspace as DVC experiment `prefect-<run name>`.
-        restore_params: put params.yaml back as it was after the run (the experiment keeps the
-            overrides), so a one-off `epochs=1` does not leak into the next nightly run.
+        save_experiment: record the finished run as DVC experiment `prefect-<run name>`.
+        adopt: bring the results back into the checkout's dvc.lock and outputs when the run had
+            no overrides and the checkout has not changed since it started (else they stay in
+            the experiment).
+
+    The run works in its own copy of the project (`orchestrate.run_copy`, keyed by the flow run
+    id): overrides are applied there, never to the checkout's params.yaml, so a kill, a crash
+    or a second run at the same time cannot leave the checkout changed.
     """
     logger = get_run_logger()
     root = str(Path(project_dir or os.environ.get("FER_PROJECT_DIR") or ".").resolve())
@@ -184,31 +195,35 @@ def fer_pipeline(
         raise FerError(f"unknown model(s) {unknown}; params.yaml models: {all_models}")
     params = orch.build_overrides(overrides, models=models, epochs=epochs,
                                   max_per_class=max_per_class, profile=profile, root=root)
-    params_file = Path(root, "params.yaml")
-    original = params_file.read_text()
-    changed = orch.apply_overrides(root, params)
+    P.load(Path(root, "params.yaml"), params)   # a typo fails here, before anything is copied
+    ws = str(orch.run_copy(root, run_id))
+    logger.info("run copy: %s (the checkout is not written)", ws)
+    changed = orch.apply_overrides(ws, params)
     for key, (old, new) in changed.items():
         logger.info("param %s: %r -> %r", key, old, new)
-    try:
-        return _run(root, run_id, git, changed, models, dispatch, save_experiment)
-    finally:
-        if changed and restore_params:
-            params_file.write_text(original)
-            logger.info("params.yaml restored; the overrides live in the run's DVC experiment")
+    result = _run(ws, root, run_id, git, changed, models, dispatch, save_experiment)
+    if adopt and not changed:
+        orch.adopt_results(root, ws, [s["stage"] for s in result["stages"]
+                                      if s["status"] == "ran"], log=logger.info)
+    elif changed:
+        logger.info("overrides given: results stay in DVC experiment %s, the checkout's "
+                    "dvc.lock is unchanged", result["experiment"])
+    orch.remove_run_copy(root, ws)
+    return result
 
 
-def _run(root: str, run_id: str, git: dict[str, str], changed: dict[str, Any],
+def _run(ws: str, root: str, run_id: str, git: dict[str, str], changed: dict[str, Any],
          models: list[str] | None, dispatch: str, save_experiment: bool) -> dict[str, Any]:
     logger = get_run_logger()
     results: list[dict[str, Any]] = []
-    for group in orch.stage_groups(root):
+    for group in orch.stage_groups(ws):
         if len(group) == 1 and "@" not in group[0]:
-            results.append(dvc_stage(group[0], root, run_id))
+            results.append(dvc_stage(group[0], ws, run_id, root))
             continue
         items = [s for s in group if not models or "@" not in s or s.split("@", 1)[1] in models]
         if items:
-            orch.init_tracking_store(root, orch.stage_env(root, run_id))
-        futures = [parallel_stage.submit(s, root, run_id, dispatch) for s in items]
+            orch.init_tracking_store(ws, orch.stage_env(root, run_id))
+        futures = [parallel_stage.submit(s, ws, run_id, dispatch, root) for s in items]
         wait(futures)
         failed = []
         for fut in futures:
@@ -224,14 +239,14 @@ def _run(root: str, run_id: str, git: dict[str, str], changed: dict[str, Any],
 
     experiment = None
     if save_experiment and git["commit"] != "unknown":
-        experiment = orch.save_experiment(root, f"prefect-{flow_run.name or run_id[:8]}")
+        experiment = orch.save_experiment(ws, f"prefect-{flow_run.name or run_id[:8]}")
         logger.info("DVC experiment: %s", experiment or "not saved (see `dvc exp save`)")
 
     identity = {"prefect_flow_run": run_id, "flow_run_name": flow_run.name,
                 "mlflow_tag": f"pipeline_run_id = {run_id}", "git_commit": git["commit"],
                 "git_dirty": git["dirty"], "dvc_experiment": experiment or "",
                 "overrides": changed}
-    create_markdown_artifact(key="fer-pipeline-report", markdown=_report(identity, results, root),
+    create_markdown_artifact(key="fer-pipeline-report", markdown=_report(identity, results, ws),
                              description="fer-pipeline: stages, run identity, model comparison")
     return {"run_id": run_id, "stages": results, "experiment": experiment, "overrides": changed}
 

@@ -33,6 +33,7 @@ import yaml
 from fer_pipeline import params as P
 from fer_pipeline.champion import choose_champion
 from fer_pipeline.errors import ERROR_FILE_ENV, FerError, TransientError
+from fer_pipeline.io import write_text
 from fer_pipeline.profiles import load_profile
 from fer_pipeline.tracking import RUN_ID_ENV, resolve_tracking_uri
 
@@ -154,7 +155,8 @@ def stage_is_current(stage: str, root: str | Path) -> bool:
 def stage_env(root: str | Path, run_id: str | None = None,
               base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a stage: this venv's scripts on PATH, unbuffered output, run id, and an
-    MLflow URI resolved against the project (so isolated workspaces log to the same store)."""
+    MLflow URI resolved against `root`, the checkout (so run copies and isolated workspaces
+    log to the checkout's store, not to a throw-away one)."""
     env = dict(os.environ if base is None else base)
     bindir = str(Path(sys.executable).parent)
     if bindir not in env.get("PATH", "").split(os.pathsep):
@@ -291,9 +293,7 @@ def workspace_dir(root: str | Path, stage: str) -> Path:
     """Per-project, per-stage directory outside the project (DVC must not see its dvc.yaml).
     Stable across retries, so a resumable stage (training) finds its state again."""
     root = Path(root).resolve()
-    base = Path(os.environ.get(WORKSPACE_ENV) or Path(tempfile.gettempdir()) / "fer-workspaces")
-    tag = hashlib.sha1(str(root).encode()).hexdigest()[:8]
-    return base / f"{root.name}-{tag}" / stage.replace("@", "-")
+    return _base_dir() / f"{root.name}-{_tag(root)}" / stage.replace("@", "-")
 
 
 def stage_paths(root: str | Path, stage: str) -> tuple[list[str], list[str]]:
@@ -370,18 +370,127 @@ def bring_back(root: str | Path, stage: str, ws: str | Path,
     log(f"{stage}: outputs {', '.join(outs)} brought back and committed to dvc.lock")
 
 
-def run_stage_isolated(root: str | Path, stage: str, env: dict[str, str] | None = None,
-                       log: Callable[[str], None] = print) -> StageResult:
-    """Run one stage in its own workspace (no bring-back). Skipped when current in the project."""
-    start = time.monotonic()
-    if stage_is_current(stage, root):
-        log(f"Stage '{stage}' didn't change, skipping")
-        return StageResult(stage, "skipped", time.monotonic() - start)
-    ws = prepare_workspace(root, stage)
-    result = run_stage(stage, ws, env=env, log=log)
-    result.workspace = str(ws)
-    result.seconds = time.monotonic() - start
-    return result
+# ---- run copies: a flow run never edits the checkout --------------------------------------------
+
+def git(*args: str, cwd: str | Path, check: bool = True) -> str:
+    res = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise FerError(f"git {' '.join(args)} failed in {cwd}: {res.stderr.strip()}")
+    return res.stdout
+
+
+def run_copy(root: str | Path, run_id: str) -> Path:
+    """The project as one flow run sees it: a git worktree of the checkout's HEAD plus the
+    checkout's uncommitted edits and new (not ignored) files, sharing its DVC cache and
+    remotes. Overrides, stages, dvc.lock and experiments happen here; the checkout's
+    params.yaml and dvc.lock are never written. Keyed by the run id, so a retry finds it."""
+    root = Path(root).resolve()
+    ws = _base_dir() / f"{root.name}-{_tag(root)}" / "runs" / run_id
+    if (ws / ".git").exists():
+        return ws
+    ws.parent.mkdir(parents=True, exist_ok=True)
+    git("worktree", "add", "--detach", "--force", str(ws), "HEAD", cwd=root)
+    edited = git("diff", "--name-only", "HEAD", cwd=root).splitlines()
+    new = git("ls-files", "--others", "--exclude-standard", cwd=root).splitlines()
+    for rel in edited + new:
+        src, dst = root / rel, ws / rel
+        if src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+        elif dst.is_file():
+            dst.unlink()
+    cache = Path(root, dvc("cache", "dir", cwd=root).stdout.strip()).resolve()
+    dvc("cache", "dir", "--local", str(cache), cwd=ws)
+    for line in dvc("remote", "list", cwd=root).stdout.splitlines():
+        name, _, url = line.partition(" ")
+        url = url.strip().split()[0] if url.strip() else ""
+        if url and "://" not in url:   # a local remote: relative paths would move with the copy
+            dvc("remote", "modify", "--local", name, "url", str(Path(root, ".dvc", url).resolve()),
+                cwd=ws)
+    dvc("checkout", "--allow-missing", cwd=ws, check=False)   # what the shared cache has
+    return ws
+
+
+def adopt_results(root: str | Path, ws: str | Path, stages: list[str],
+                  log: Callable[[str], None] = print) -> None:
+    """Bring the results of `stages` from a run copy into the checkout, only when they are the
+    checkout's: each stage's dvc.lock entry is moved over, and if `dvc status` in the checkout
+    then reports a changed dependency, param or command (someone edited the checkout since the
+    run started), the checkout's dvc.lock is put back byte for byte and the run fails naming
+    what changed; otherwise the outputs are copied in. One run at a time (inter-process lock)."""
+    import fcntl
+
+    root, ws = Path(root).resolve(), Path(ws)
+    if not stages:
+        return
+    lock_path = root / ".dvc" / "tmp" / "fer-adopt.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock_fh:
+        fcntl.flock(lock_fh, fcntl.LOCK_EX)
+        checkout_lock = root / "dvc.lock"
+        before = checkout_lock.read_bytes() if checkout_lock.is_file() else None
+        ran = (yaml.safe_load((ws / "dvc.lock").read_text()) or {}).get("stages") or {}
+        current = yaml.safe_load(before) if before else None
+        current = current or {"schema": "2.0", "stages": {}}
+        for stage in stages:
+            current.setdefault("stages", {})[stage] = ran[stage]
+        write_text(checkout_lock, yaml.safe_dump(current, sort_keys=False))
+        produced = [out for stage in stages for out in stage_paths(ws, stage)[1]]
+        moved = _changed_inputs(root, stages, produced)
+        if moved:
+            if before is None:
+                checkout_lock.unlink()
+            else:
+                checkout_lock.write_bytes(before)
+            raise StageFailed(stages[0], 1, [
+                "error: the checkout changed since this run started, so its results are not "
+                "brought back (they stay in the run's DVC experiment):", *moved])
+        for out in produced:
+            _link_or_copy(ws / out, root / out)
+            ignore = (ws / out).parent / ".gitignore"   # DVC's entry for the output: part of
+            if ignore.is_file() and (ws / out).parent != ws:   # a folder dep's hash (`models`)
+                shutil.copy2(ignore, root / Path(out).parent / ".gitignore")
+    log(f"results of {', '.join(stages)} brought back into the checkout's dvc.lock")
+
+
+def _changed_inputs(root: Path, stages: list[str], produced: list[str]) -> list[str]:
+    """`dvc status` lines that say a stage's deps, params or command differ in the checkout
+    (deps that are outputs of the stages being brought back together do not count)."""
+    res = dvc("status", "--json", *stages, cwd=root, check=False)
+    try:
+        status = json.loads(res.stdout or "{}")
+    except json.JSONDecodeError:
+        return [f"  dvc status failed: {res.stderr.strip()}"]
+    lines = []
+    for stage, changes in status.items():
+        for change in changes:
+            if isinstance(change, str):          # "changed command", "always changed"
+                lines.append(f"  {stage}: {change}")
+            elif "changed deps" in change:
+                for dep, how in change["changed deps"].items():
+                    if not any(_overlap(dep, out) for out in produced):
+                        lines.append(f"  {stage}: {dep} {how}")
+    return lines
+
+
+def _overlap(a: str, b: str) -> bool:
+    """One path is the other or inside it (a folder dep such as `models` holds the outputs)."""
+    a, b = a.rstrip("/"), b.rstrip("/")
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def remove_run_copy(root: str | Path, ws: str | Path) -> None:
+    git("worktree", "remove", "--force", str(ws), cwd=root, check=False)
+    shutil.rmtree(ws, ignore_errors=True)
+    git("worktree", "prune", cwd=root, check=False)
+
+
+def _base_dir() -> Path:
+    return Path(os.environ.get(WORKSPACE_ENV) or Path(tempfile.gettempdir()) / "fer-workspaces")
+
+
+def _tag(root: Path) -> str:
+    return hashlib.sha1(str(root).encode()).hexdigest()[:8]
 
 
 # ---- run identity and reports -----------------------------------------------------------------

@@ -59,7 +59,7 @@ def test_only_transient_failures_are_retried(monkeypatch, prefect_harness):
 
     @flow
     def one(stage: str):
-        return task(stage, ".", "rid")
+        return task(stage, ".", "rid", ".")
 
     assert one("down")["status"] == "ran" and calls == ["down", "down"]
     calls.clear()

@@ -70,10 +70,9 @@ async def _artifact(key):
 
 
 def test_flow_end_to_end_then_nothing_to_do(prefect_server, project):
-    params_before = (project / "params.yaml").read_text()
+    params_before = (project / "params.yaml").read_bytes()
     t0 = time.monotonic()
-    state = fer_pipeline(project_dir=str(project), epochs=1, overrides={"train.seed": 7},
-                         return_state=True)
+    state = fer_pipeline(project_dir=str(project), return_state=True)
     first_s = time.monotonic() - t0
     assert state.is_completed(), state.message
     out = state.result()
@@ -81,17 +80,20 @@ def test_flow_end_to_end_then_nothing_to_do(prefect_server, project):
     models = ["custom_cnn", "custom_cnn_aug"]
     assert set(stages) >= {"validate", "clean", "split", *(f"train@{m}" for m in models)}
     assert set(stages.values()) == {"ran"}
-    assert out["overrides"] == {"train.seed": [42, 7]}
-    assert (project / "params.yaml").read_text() == params_before  # restored after the run
+    assert out["overrides"] == {}
+    assert (project / "params.yaml").read_bytes() == params_before   # never written
     # One task per stage, all Completed, visible by stage name.
     runs = run(_task_runs(state.state_details.flow_run_id))
     names = {tr.name: tr.state.type.value for tr in runs}
     for stage in stages:
         assert names.get(stage) == "COMPLETED", names
-    # Results are back in the project and recorded by DVC; MLflow runs carry the run id.
+    # No overrides and an unchanged checkout: the results are brought back and recorded by DVC;
+    # MLflow runs (in the checkout's store) carry the run id.
     assert (project / "models/custom_cnn/model.keras").is_file()
     lock = (project / "dvc.lock").read_text()
     assert "train@custom_cnn_aug" in lock and "train@custom_cnn:" in lock
+    assert subprocess.run([str(BIN / "dvc"), "status", "--json"], cwd=project, capture_output=True,
+                          text=True).stdout.strip() == "{}"            # dvc status tells the truth
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{project.parent / 'mlflow.db'}")
@@ -104,13 +106,30 @@ def test_flow_end_to_end_then_nothing_to_do(prefect_server, project):
     assert art is not None and "Champion" in art.data and out["run_id"] in art.data
 
     t0 = time.monotonic()
-    again = fer_pipeline(project_dir=str(project), epochs=1, overrides={"train.seed": 7},
-                         return_state=True)
+    again = fer_pipeline(project_dir=str(project), return_state=True)
     second_s = time.monotonic() - t0
     assert again.is_completed(), again.message
     assert {s["status"] for s in again.result()["stages"]} == {"skipped"}
     assert second_s < max(30.0, first_s / 2), (first_s, second_s)
     print(f"\nfirst run {first_s:.1f}s, nothing-changed run {second_s:.1f}s")
+
+    # Overrides: the run works on its own copy; the checkout stays byte for byte as it was and
+    # the results are the run's DVC experiment.
+    lock_before = (project / "dvc.lock").read_bytes()
+    third = fer_pipeline(project_dir=str(project), models=["custom_cnn"],
+                         overrides={"train.seed": 7}, return_state=True)
+    assert third.is_completed(), third.message
+    res = third.result()
+    assert res["overrides"] == {"train.seed": [42, 7]}
+    assert {s["stage"]: s["status"] for s in res["stages"]}["train@custom_cnn"] == "ran"
+    assert (project / "params.yaml").read_bytes() == params_before
+    assert (project / "dvc.lock").read_bytes() == lock_before
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=project,
+                          capture_output=True, text=True).stdout.split()
+    (ref,) = [r for r in refs if r.endswith("/" + res["experiment"])]
+    exp_params = subprocess.run(["git", "show", f"{ref}:params.yaml"], cwd=project,
+                                capture_output=True, text=True).stdout
+    assert "seed: 7" in exp_params
 
 
 def test_failing_stage_fails_the_run_with_its_message(prefect_server, tmp_path):
