@@ -302,9 +302,10 @@ def stage_paths(root: str | Path, stage: str) -> tuple[list[str], list[str]]:
 
     root = Path(root).resolve()
     with Repo(str(root)) as repo:
-        (st,) = repo.stage.collect(stage)
-        # DVC resolves a stage's wdir against the process cwd, not the repo: undo that.
-        wdir = root / os.path.relpath(st.wdir, os.getcwd())
+        # An absolute target: DVC resolves a bare stage name against the process's working
+        # directory, which would read whichever dvc.yaml lies there.
+        (st,) = repo.stage.collect(f"{root / 'dvc.yaml'}:{stage}")
+        wdir = Path(st.wdir) if Path(st.wdir).is_absolute() else root / st.wdir
         rel = [os.path.relpath(wdir / str(d.def_path), root) for d in st.deps
                if type(d).__name__ != "ParamsDependency"]
         deps = [p for p in rel if not p.startswith("..") and "://" not in p]
