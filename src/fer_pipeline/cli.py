@@ -61,8 +61,19 @@ def _evaluate(args: argparse.Namespace) -> None:
     from fer_pipeline.evaluate.stage import evaluate_models
 
     result = evaluate_models(p.models, p.train, p.mlflow, p.evaluate, p.registry,
-                             names=args.model, register=False if args.no_register else None)
+                             names=args.model, register=False if args.no_register else None,
+                             promote=True if args.promote else None)
     print((result.reports_dir / "comparison.md").read_text())
+
+
+def _promote(args: argparse.Namespace) -> None:
+    p = P.load(args.params)
+    from fer_pipeline.evaluate.registry import promote
+    from fer_pipeline.tracking import setup_tracking
+
+    setup_tracking(p.mlflow.tracking_uri, p.mlflow.experiment, p.mlflow.probe_timeout_s)
+    print(promote(p.registry, args.reason, version=args.version,
+                  to_previous=args.to == "previous").message)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -147,7 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate only this model (repeatable; default: every trained model)")
     p.add_argument("--no-register", action="store_true",
                    help="do not touch the model registry (params registry.enabled=false does too)")
+    p.add_argument("--promote", action="store_true",
+                   help="let this run promote even with registry.promote=false or a --model "
+                        "subset (the policy still decides)")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("promote", help="move the registry's champion alias by hand (rollback)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to", choices=["previous"], help="roll back to @previous")
+    target.add_argument("--version", help="registered version number to make @champion")
+    p.add_argument("--reason", required=True, help="why (recorded on the version)")
+    p.set_defaults(func=_promote)
 
     p = sub.add_parser("predict", help="classify the emotion of faces in photos (JSON)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files (photos or 48x48 crops)")

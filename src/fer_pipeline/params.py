@@ -192,6 +192,7 @@ class MlflowParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     test_path: str = "data/processed/test.npz"   # the only reader of the test split
+    val_path: str = "data/processed/val.npz"     # which models are comparable; re-scoring
     reports_dir: str = "reports/evaluate"
     batch_size: int = 256                        # inference batch (and the speed measurement)
     tta: str = "flip_crops"                      # none | flip (image + mirror) | flip_crops (10 views)
@@ -208,6 +209,8 @@ class RegistryParams:
     model_name: str = "fer-emotion"      # registered model name
     champion_alias: str = "champion"     # the version `fer predict` loads by default
     previous_alias: str = "previous"     # the champion it replaced (rollback target)
+    promote: bool = True                 # false: register and record, never move the alias
+    min_improvement: float = 0.0         # val accuracy a candidate must beat the champion by
 
 
 # ---- the root -------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import yaml
 from fer_pipeline import params as P
 from fer_pipeline.arrays import SplitArrays, save_split
 from fer_pipeline.evaluate.stage import EvaluationResult, evaluate_models
+from fer_pipeline.io import md5_file
 from fer_pipeline.sandbox import ROOT, tiny_params
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -75,7 +76,8 @@ def write_trained(root: Path, name: str, val_accuracy: float, filters: int, seed
     (rep / "metrics.json").write_text(json.dumps({
         "train_loss": 1.9, "train_accuracy": 0.2, "val_loss": 1.9, "val_accuracy": val_accuracy,
         "best_epoch": 2, "epochs_run": 3, "pretrained": False, "trainable_params": n_params,
-        "train_seconds": 1.5, "seconds_per_epoch": 0.5}))
+        "train_seconds": 1.5, "seconds_per_epoch": 0.5,
+        "data_md5_val": md5_file(root / "data" / "val.npz")}))
     (rep / "history.csv").write_text(
         "epoch,loss,accuracy,val_loss,val_accuracy,learning_rate,seconds\n"
         "0,1.95,0.15,1.94,0.16,0.001,0.5\n1,1.9,0.2,1.9,0.2,0.001,0.5\n2,1.88,0.21,1.91,0.19,0.001,0.5\n")
@@ -101,6 +103,7 @@ def write_params(root: Path, names: list[str], registry_name: str, **evaluate) -
         train={"models_dir": str(root / "models"), "reports_dir": str(root / "reports" / "train")},
         mlflow={"experiment": "fer-emotion-tests"},
         evaluate={"test_path": str(root / "data" / "test.npz"),
+                  "val_path": str(root / "data" / "val.npz"),
                   "reports_dir": str(root / "reports" / "evaluate"), "batch_size": 64,
                   "tta": "none", **evaluate},
         registry={"model_name": registry_name})
@@ -122,6 +125,7 @@ def trained_project(tmp_path_factory, eval_mlflow_server):
     """Two tiny models logged to the server: `small` (val 0.40) and `big` (val 0.30)."""
     root = tmp_path_factory.mktemp("project")
     make_test_split(root / "data" / "test.npz")
+    make_test_split(root / "data" / "val.npz", seed=1)
     infos = {"small": write_trained(root, "small", 0.40, 4, 1),
              "big": write_trained(root, "big", 0.30, 8, 2)}
     return root, infos

@@ -65,6 +65,7 @@ def test_evaluate_reports_mlflow_and_registry_lifecycle(eval_params, run_evaluat
     # 2. Nothing changed: nothing registered, no alias moved.
     res = run_evaluate(params)
     assert res.registry["new_version"] is False and res.registry["alias_moved"] is False
+    assert res.registry["decision"] == "already_champion"
     assert len(client.search_model_versions(f"name='{name}'")) == 1
 
     # 3. `big` now validates better: new version v2 @champion, v1 @previous, history tagged.
@@ -74,18 +75,30 @@ def test_evaluate_reports_mlflow_and_registry_lifecycle(eval_params, run_evaluat
     try:
         res = run_evaluate(params)
         assert res.champion == "big" and res.registry["new_version"] is True
+        assert res.registry["decision"] == "promoted"
         assert client.get_model_version_by_alias(name, "champion").version == "2"
         assert client.get_model_version_by_alias(name, "previous").version == "1"
     finally:
         big_metrics.write_text(saved)
-    # 4. Back to `small`: its existing v1 is reused (no v3), v2 becomes @previous.
+    # 4. `small` is this run's best but does not beat the champion's 0.5: the alias stays,
+    # the decision is recorded on the version and in champion.json.
     res = run_evaluate(params)
     assert res.champion == "small" and res.registry["new_version"] is False
+    assert res.registry["decision"] == "kept" and "0.5000" in res.registry["reason"]
+    assert client.get_model_version_by_alias(name, "champion").version == "2"
+    assert client.get_model_version(name, "1").tags["promotion_decision"] == "kept"
+    decision = json.loads((out / "champion.json").read_text())
+    assert decision["decision"] == "kept" and decision["registry"]["champion_before"]["version"] == "2"
+    # 5. Rollback by hand, with a reason: v1 @champion again, v2 @previous.
+    assert main(["--params", str(params), "promote", "--to", "previous",
+                 "--reason", "v2's val figure was a test edit"]) == 0
     assert client.get_model_version_by_alias(name, "champion").version == "1"
     assert client.get_model_version_by_alias(name, "previous").version == "2"
+    assert client.get_model_version(name, "1").tags["promotion_decision"] == "manual"
     assert len(client.search_model_versions(f"name='{name}'")) == 2
     history = client.get_registered_model(name).tags["champion_history"].split(",")
-    assert [h.split(":")[0:2] for h in history] == [["v1", "small"], ["v2", "big"], ["v1", "small"]]
+    assert [h.split(":")[0:2] for h in history] == [["v1", "small"], ["v2", "big"],
+                                                     ["v1", "small(manual)"]]
 
 
 def test_registered_champion_pyfunc_predict(eval_params, run_evaluate, trained_project):

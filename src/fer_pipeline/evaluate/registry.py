@@ -7,15 +7,30 @@ the version it left gets alias `previous` (rollback: point `champion` back at it
 registered model's tag `champion_history` records every move (`v3:custom_cnn:2026-11-27T22:00Z`).
 A champion whose model is already registered reuses that version: re-running evaluate with
 nothing changed registers nothing and moves no alias.
+
+Promotion policy: the candidate (best comparable model of an evaluation, by validation
+accuracy) becomes @champion only when it beats the current champion's validation accuracy by
+more than `registry.min_improvement`, on the same validation data (the champion's version
+records `val_data_md5`; on other data it is re-scored on the current split first). Runs that
+were not asked to promote (`registry.promote: false`, as profiles set it; `--model` subsets)
+register and record, but never move the alias. `fer promote` moves it by hand with a reason.
+Every decision is tagged on the version (`promotion_decision`, `promotion_reason`) and written
+to reports/evaluate/champion.json. All of it runs under an inter-process lock per store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import hashlib
 import logging
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from fer_pipeline.errors import FerError
 from fer_pipeline.params import RegistryParams
 
 log = logging.getLogger(__name__)
@@ -52,15 +67,29 @@ def log_evaluation(run_id: str | None, name: str, metrics: dict[str, float], fig
 @dataclass
 class RegistryOutcome:
     model_name: str
-    champion: str
-    version: str | None
-    new_version: bool          # a version was created by this call
-    alias_moved: bool          # the champion alias changed by this call
+    champion: str                 # the candidate this evaluation put forward
+    version: str | None           # its registered version
+    new_version: bool             # a version was created by this call
+    alias_moved: bool             # the champion alias changed by this call
     previous_version: str | None
     message: str
+    decision: str = ""            # promoted | kept | not_asked | already_champion
+    reason: str = ""
+    champion_before: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass
+class Candidate:
+    """What the policy compares: the model put forward and the data it was validated on."""
+
+    name: str
+    model_uri: str
+    val_accuracy: float
+    val_data_md5: str
+    tags: dict[str, str]
 
 
 def _same_model(mv: Any, model_uri: str) -> bool:
@@ -68,53 +97,173 @@ def _same_model(mv: Any, model_uri: str) -> bool:
     return mv.source == model_uri or bool(model_id and model_uri == f"models:/{model_id}")
 
 
-def register_champion(rp: RegistryParams, champion: str, model_uri: str,
-                      version_tags: dict[str, str] | None = None) -> RegistryOutcome:
-    """Make `model_uri` the version under alias `champion`; idempotent."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
+@contextlib.contextmanager
+def registry_lock(tracking_uri: str) -> Iterator[None]:
+    """One registry update at a time per tracking store on this host (several `fer evaluate`
+    or `fer promote` processes): read-modify-write of aliases and tags is not atomic in MLflow."""
+    import fcntl
+
+    key = hashlib.sha1(tracking_uri.encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"fer-registry-{key}.lock"
+    with path.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def _client():
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
-    name = rp.model_name
+    return MlflowClient()
+
+
+def _ensure_registered_model(client: Any, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(
-            name, description="FER-2013 emotion classifier. Input: float32 (N, 48, 48, 1) raw "
-                              "grayscale pixels 0..255; output: (N, 7) class probabilities.")
+        try:
+            client.create_registered_model(
+                name, description="FER-2013 emotion classifier. Input: float32 (N, 48, 48, 1) "
+                                  "raw grayscale pixels 0..255; output: (N, 7) class probabilities.")
+        except MlflowException as exc:   # another process created it first
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+                raise
+
+
+def _alias_version(client: Any, name: str, alias: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
     try:
-        current = client.get_model_version_by_alias(name, rp.champion_alias)
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException:
-        current = None
+        return None
 
-    if current is not None and _same_model(current, model_uri):
-        msg = (f"{name} v{current.version} (`{champion}`) is already @{rp.champion_alias}: "
-               f"nothing registered")
-        log.info(msg)
-        return RegistryOutcome(name, champion, str(current.version), False, False, None, msg)
 
-    existing = [mv for mv in client.search_model_versions(f"name='{name}'")
-                if _same_model(mv, model_uri)]
-    if existing:
-        mv = max(existing, key=lambda v: int(v.version))
-        new = False
-    else:
-        mv = mlflow.register_model(model_uri, name, tags=version_tags or {})
-        new = True
+def _move_champion(client: Any, rp: RegistryParams, version: str, label: str,
+                   current: Any | None) -> str | None:
+    """champion -> `version`, previous -> the version it left; verified; history tagged."""
+    name = rp.model_name
     previous = None
-    if current is not None:
+    if current is not None and str(current.version) != str(version):
         client.set_registered_model_alias(name, rp.previous_alias, current.version)
         previous = str(current.version)
-    client.set_registered_model_alias(name, rp.champion_alias, mv.version)
+    client.set_registered_model_alias(name, rp.champion_alias, version)
+    now = _alias_version(client, name, rp.champion_alias)
+    if now is None or str(now.version) != str(version):
+        raise FerError(f"{name}@{rp.champion_alias} should be v{version} but the registry says "
+                       f"{'nothing' if now is None else 'v' + str(now.version)}: another process "
+                       f"changed it; rerun `fer evaluate`")
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%MZ")
     history = client.get_registered_model(name).tags.get(HISTORY_TAG, "")
-    history = ",".join(filter(None, [history, f"v{mv.version}:{champion}:{stamp}"]))
+    history = ",".join(filter(None, [history, f"v{version}:{label}:{stamp}"]))
     while len(history) > HISTORY_MAX_CHARS:
         history = history.split(",", 1)[1]
     client.set_registered_model_tag(name, HISTORY_TAG, history)
-    msg = (f"{name} v{mv.version} (`{champion}`, {'new version' if new else 'existing version'}) "
-           f"is now @{rp.champion_alias}"
+    return previous
+
+
+def _decide(rp: RegistryParams, cand: Candidate, current: Any | None, promote: bool,
+            not_asked: str, rescore: Callable[[str], float]) -> tuple[str, str, dict | None]:
+    """(decision, reason, what the champion was) by the written policy (docs: the registry)."""
+    if current is None:
+        return ("promoted", "no champion yet", None) if promote else ("not_asked", not_asked, None)
+    tags = current.tags or {}
+    before: dict[str, Any] = {"version": str(current.version), "model": tags.get("model_name"),
+                              "val_accuracy": _float(tags.get("val_accuracy")),
+                              "val_data_md5": tags.get("val_data_md5")}
+    if _same_model(current, cand.model_uri):
+        return "already_champion", f"{cand.name} is already @{rp.champion_alias}", before
+    if not promote:
+        return "not_asked", not_asked, before
+    champ = before["val_accuracy"]
+    if before["val_data_md5"] != cand.val_data_md5 or champ is None:
+        # Validated on other data (or unknown): score the champion on this validation split.
+        champ = before["rescored_val_accuracy"] = round(
+            rescore(f"models:/{rp.model_name}/{current.version}"), 4)
+    margin = rp.min_improvement
+    if cand.val_accuracy > champ + margin:
+        return ("promoted", f"val accuracy {cand.val_accuracy:.4f} > champion v{current.version}'s "
+                            f"{champ:.4f} + min_improvement {margin}", before)
+    return ("kept", f"val accuracy {cand.val_accuracy:.4f} does not beat champion "
+                    f"v{current.version}'s {champ:.4f} by more than min_improvement {margin}",
+            before)
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def register_and_decide(rp: RegistryParams, cand: Candidate, promote: bool, not_asked: str,
+                        rescore: Callable[[str], float]) -> RegistryOutcome:
+    """Register the candidate (or reuse its version), decide by the policy, move the alias only
+    when it is promoted; the decision is tagged on the version. Under the registry lock."""
+    import mlflow
+
+    client = _client()
+    name = rp.model_name
+    with registry_lock(client.tracking_uri):
+        _ensure_registered_model(client, name)
+        current = _alias_version(client, name, rp.champion_alias)
+        existing = [mv for mv in client.search_model_versions(f"name='{name}'")
+                    if _same_model(mv, cand.model_uri)]
+        tags = {**cand.tags, "model_name": cand.name, "val_accuracy": str(cand.val_accuracy),
+                "val_data_md5": cand.val_data_md5}
+        if existing:
+            mv, new = max(existing, key=lambda v: int(v.version)), False
+        else:
+            mv, new = mlflow.register_model(cand.model_uri, name, tags=tags), True
+        decision, reason, before = _decide(rp, cand, current, promote, not_asked, rescore)
+        previous = None
+        if decision == "promoted":
+            previous = _move_champion(client, rp, str(mv.version), cand.name, current)
+        if decision != "already_champion":   # keep the record of how it became champion
+            stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            for key, value in {**tags, "promotion_decision": decision,
+                               "promotion_reason": reason, "decided_at": stamp}.items():
+                client.set_model_version_tag(name, mv.version, key, value)
+    what = "new version" if new else "existing version"
+    msg = (f"{name} v{mv.version} (`{cand.name}`, {what}): {decision} ({reason})"
            + (f"; v{previous} is @{rp.previous_alias}" if previous else ""))
     log.info(msg)
-    return RegistryOutcome(name, champion, str(mv.version), new, True, previous, msg)
+    return RegistryOutcome(name, cand.name, str(mv.version), new, decision == "promoted",
+                           previous, msg, decision, reason, before)
+
+
+def promote(rp: RegistryParams, reason: str, version: str | None = None,
+            to_previous: bool = False) -> RegistryOutcome:
+    """`fer promote`: point the champion alias at `version`, or back at @previous (rollback,
+    the two swap), with a reason recorded on the version and in the history tag."""
+    import getpass
+
+    client = _client()
+    name = rp.model_name
+    with registry_lock(client.tracking_uri):
+        current = _alias_version(client, name, rp.champion_alias)
+        if to_previous:
+            target = _alias_version(client, name, rp.previous_alias)
+            if target is None:
+                raise FerError(f"{name} has no @{rp.previous_alias} version to roll back to")
+        else:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                target = client.get_model_version(name, str(version))
+            except MlflowException as exc:
+                raise FerError(f"{name} has no version {version}: {exc.message}") from None
+        if current is not None and str(current.version) == str(target.version):
+            raise FerError(f"{name} v{target.version} is already @{rp.champion_alias}")
+        label = (target.tags or {}).get("model_name", f"v{target.version}")
+        previous = _move_champion(client, rp, str(target.version), f"{label}(manual)", current)
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for key, value in {"promotion_decision": "manual", "promotion_reason": reason,
+                           "decided_by": getpass.getuser(), "decided_at": stamp}.items():
+            client.set_model_version_tag(name, target.version, key, value)
+    msg = (f"{name} v{target.version} is now @{rp.champion_alias} ({reason})"
+           + (f"; v{previous} is @{rp.previous_alias}" if previous else ""))
+    log.info(msg)
+    return RegistryOutcome(name, label, str(target.version), False, True, previous, msg,
+                           "manual", reason)

@@ -31,7 +31,7 @@ COMPARISON_COLUMNS = [
     ("test_accuracy_public", "PublicTest acc"), ("test_accuracy_private", "PrivateTest acc"),
     ("test_accuracy_clean", "clean test acc"), ("test_macro_f1", "macro F1"),
     ("test_weighted_f1", "weighted F1"), ("test_top2_accuracy", "top-2 acc"),
-    ("images_per_second", "img/s"), ("champion", "champion"),
+    ("images_per_second", "img/s"), ("stale", "stale val data"), ("champion", "champion"),
 ]
 
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from fer_pipeline.errors import FerError, MissingInputError
-from fer_pipeline.io import write_json
+from fer_pipeline.io import md5_file, write_json
 from fer_pipeline.params import EvaluateParams, MlflowParams, ModelParams, RegistryParams, TrainParams
 from fer_pipeline.tracking import data_hashes, setup_tracking
 
@@ -69,18 +72,20 @@ def select_models(models: dict[str, ModelParams], models_dir: Path,
 def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: MlflowParams,
                     evaluate: EvaluateParams, registry: RegistryParams,
                     names: list[str] | None = None, register: bool | None = None,
-                    log_mlflow: bool = True) -> EvaluationResult:
+                    log_mlflow: bool = True, promote: bool | None = None) -> EvaluationResult:
     """Evaluate trained models on the test split, write reports, log to MLflow, register.
 
     `models` are the recipes of params.yaml (which names exist, each one's arch); `train` says
     where training left models and reports. register=None follows `registry.enabled`.
     log_mlflow=False (and no register) runs without any tracking store: only the report files.
+    promote=None follows `registry.promote`, except that a `names` subset never promotes;
+    True/False decide (the policy still has to agree for True: see registry.py).
     """
     from fer_pipeline.arrays import load_split
     from fer_pipeline.champion import choose_champion
     from fer_pipeline.evaluate import metrics as M
     from fer_pipeline.evaluate import report as R
-    from fer_pipeline.evaluate.registry import log_evaluation, register_champion
+    from fer_pipeline.evaluate.registry import Candidate, log_evaluation, register_and_decide
 
     register = registry.enabled if register is None else register
     train_reports = Path(train.reports_dir)
@@ -91,6 +96,14 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
     # Cheap checks first: training reports of every model, tracking store reachable.
     train_metrics = {n: _read_json(train_reports / n / "metrics.json", f"training metrics of {n}",
                                    f"train@{n}") for n in found}
+    if not Path(evaluate.val_path).is_file():
+        raise MissingInputError(f"validation split {evaluate.val_path} not found (which models are "
+                                f"comparable is decided on it). Run `dvc repro split` first.")
+    val_md5 = md5_file(evaluate.val_path)
+    stale = [n for n in found if _trained_on(n, train_metrics[n], evaluate.val_path) != val_md5]
+    for n in stale:
+        log.warning("%s was validated on other data than %s: reported as stale, not ranked. "
+                    "Run `dvc repro train@%s`.", n, evaluate.val_path, n)
     mlflow_info = {n: (json.loads(p.read_text()) if (p := train_reports / n / "mlflow.json").is_file()
                        else {}) for n in found}
     if log_mlflow or register:
@@ -155,7 +168,9 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
             results[name]["_run_id"] = run_id
         _close(figs.values())
 
-    champion = choose_champion({n: results[n] for n in found})
+    for n in found:
+        results[n]["stale"] = metrics_out[n]["stale"] = n in stale
+    champion = choose_champion({n: results[n] for n in found if n not in stale})
     for n in found:
         results[n]["champion"] = n == champion
         metrics_out[n]["champion"] = n == champion
@@ -167,13 +182,18 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
                         "not registered", champion)
         else:
             cinfo = mlflow_info[champion]
-            outcome = register_champion(registry, champion, uri, {
-                "model_name": champion, "arch": str(cinfo.get("arch", "")),
-                "classes": ",".join(classes), "val_accuracy": str(results[champion]["val_accuracy"]),
-                "test_accuracy": f"{results[champion]['test_accuracy']:.4f}",
-                "pretrained": str(results[champion].get("pretrained")).lower(),
-                "input": "float32 (N,48,48,1) raw grayscale 0..255",
-            }).as_dict()
+            asked = promote if promote is not None else registry.promote and not names
+            not_asked = ("a --model subset was evaluated (pass --promote to allow it)" if names
+                         else "registry.promote is false (pass --promote to allow it)")
+            outcome = register_and_decide(registry, Candidate(
+                champion, uri, float(results[champion]["val_accuracy"]), val_md5, {
+                    "arch": str(cinfo.get("arch", "")), "classes": ",".join(classes),
+                    "test_accuracy": f"{results[champion]['test_accuracy']:.4f}",
+                    "pretrained": str(results[champion].get("pretrained")).lower(),
+                    "input": "float32 (N,48,48,1) raw grayscale 0..255"}),
+                bool(asked), not_asked,
+                lambda model_uri: _val_accuracy(model_uri, evaluate.val_path,
+                                                evaluate.batch_size)).as_dict()
 
     R.write_metrics(out / "metrics.json", metrics_out)
     first = results[found[0]]
@@ -184,7 +204,9 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
     R.write_comparison(out, rows, champion, note)
     write_json(out / "champion.json", {
         "champion": champion, "val_accuracy": results[champion]["val_accuracy"] if champion else None,
-        "registry": outcome})
+        "val_data_md5": val_md5, "stale": stale, "min_improvement": registry.min_improvement,
+        "decision": outcome["decision"] if outcome else None,
+        "reason": outcome["reason"] if outcome else None, "registry": outcome})
     log.info("champion: %s; comparison in %s", champion, out / "comparison.md")
     return EvaluationResult(results, champion, outcome, out, skipped)
 
@@ -195,6 +217,38 @@ def _f(v: float | None) -> str:
 
 def _md5(path: str | Path) -> str:
     return next(iter(data_hashes([path]).values()))
+
+
+def _trained_on(name: str, metrics: dict[str, Any], val_path: str) -> str | None:
+    """md5 of the validation split a model was validated on: what training recorded, else what
+    dvc.lock recorded as train@<name>'s dependency (models trained before training recorded it)."""
+    if metrics.get("data_md5_val"):
+        return str(metrics["data_md5_val"])
+    lock = Path("dvc.lock")
+    if not lock.is_file():
+        return None
+    stage = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(f"train@{name}") or {}
+    return next((d.get("md5") for d in stage.get("deps") or []
+                 if os.path.normpath(d.get("path", "")) == os.path.normpath(val_path)), None)
+
+
+def _val_accuracy(model_uri: str, val_path: str, batch_size: int) -> float:
+    """Single-view accuracy of a registered model on the validation split (as training scores
+    val_accuracy): how a champion validated on other data is compared."""
+    import mlflow.keras
+    from mlflow.exceptions import MlflowException
+
+    from fer_pipeline.arrays import load_split
+    from fer_pipeline.evaluate.metrics import predict_proba
+
+    val = load_split(val_path)
+    try:
+        model = mlflow.keras.load_model(model_uri)
+    except (MlflowException, OSError) as exc:
+        raise FerError(f"cannot load the current champion {model_uri} to re-score it on "
+                       f"{val_path}: {exc}. Roll back or re-point it with `fer promote`.") from exc
+    probs = predict_proba(model, val.x, batch_size, "none").probs
+    return float((probs.argmax(axis=1) == val.y).mean())
 
 
 def _close(figs) -> None:

@@ -124,6 +124,9 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
             "epochs_run": len(rows), "pretrained": built.pretrained, "trainable_params": n_params,
             "train_seconds": round(train_seconds, 1),
             "seconds_per_epoch": round(sum(float(r["seconds"]) for r in rows) / len(rows), 2),
+            # What it was trained and validated on: evaluate ranks only models whose val split
+            # is the current one.
+            "data_md5_train": io.md5_file(data_files[0]), "data_md5_val": io.md5_file(data_files[1]),
         })
         run.log_result(metrics, rows, f"{name} ({mp.arch}, pretrained={built.pretrained})",
                        state.history_file, best, val.x[:4])
