@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import yaml
@@ -16,8 +17,9 @@ def _tracked_state(repo):
 def test_fer_run_leaves_the_checkout_untouched_and_records_an_experiment(tmp_path):
     repo = make_project(tmp_path, n_models=1)
     before = _tracked_state(repo)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # params decide
     res = subprocess.run(["fer", "run", "-n", "smoke", "-S", "models.custom_cnn.epochs=2"],
-                         cwd=repo, capture_output=True, text=True, timeout=900)
+                         cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "the checkout is unchanged" in res.stdout
     # The checkout: no tracked file changed, no stage output or lock written into it.

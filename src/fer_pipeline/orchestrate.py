@@ -497,8 +497,17 @@ def _tag(root: Path) -> str:
 # ---- run identity and reports -----------------------------------------------------------------
 
 def save_experiment(root: str | Path, name: str) -> str | None:
-    """`dvc exp save -n NAME`: the workspace (params, dvc.lock, metrics) as a DVC experiment."""
-    res = dvc("exp", "save", "--force", "-n", name, cwd=root, check=False)
+    """`dvc exp save -n NAME`: the workspace (params, dvc.lock, metrics) as a DVC experiment.
+
+    One at a time per git repository: run copies are worktrees of one repository, and two
+    `dvc exp save` at once race on its shared experiment refs (seen: one experiment saved
+    without its run's params)."""
+    import fcntl
+
+    common = Path(root, git("rev-parse", "--git-common-dir", cwd=root).strip()).resolve()
+    with (common / "fer-exp-save.lock").open("w") as lock_fh:
+        fcntl.flock(lock_fh, fcntl.LOCK_EX)
+        res = dvc("exp", "save", "--force", "-n", name, cwd=root, check=False)
     if res.returncode != 0:
         return None
     return name

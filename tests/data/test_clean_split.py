@@ -137,6 +137,22 @@ def test_a_crash_while_writing_keeps_the_previous_good_output(tmp_path, params_f
     assert not [f for f in tmp_path.iterdir() if ".tmp" in f.name]   # no half-written file left
 
 
+def test_a_kept_file_that_changed_since_clean_is_a_user_error_naming_it(tmp_path, params_file,
+                                                                       raw_tree):
+    from fer_pipeline.data.split import RawDataChanged
+
+    p = load(params_file)
+    manifest = tmp_path / "m.csv"
+    build_manifest(raw_tree).to_csv(manifest, index=False)
+    run_clean(manifest, tmp_path / "r.csv", tmp_path / "c.json", p.data, p.clean)
+    victim = sorted((raw_tree / "train/angry").iterdir())[0]
+    victim.write_bytes(b"no longer an image")   # changed behind clean's back
+    with pytest.raises(RawDataChanged, match=f"{victim.name}: not an image.*fer clean"):
+        run_split(tmp_path / "r.csv", tmp_path / "a", tmp_path / "a.json", p.data, p.clean,
+                  p.split)
+    assert not (tmp_path / "a.json").exists()
+
+
 def test_missing_inputs_are_user_errors_that_name_the_stage(tmp_path, params_file):
     from fer_pipeline.errors import MissingInputError
 

@@ -79,11 +79,16 @@ def test_cli_exits_1_with_summary_no_traceback(tmp_path, params_file, raw_tree, 
                                                monkeypatch):
     shutil.copytree(raw_tree / "test" / "sad", raw_tree / "test" / "contempt")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FER_ERROR_FILE", str(tmp_path / "error.json"))
     rc = main(["--params", str(params_file), "validate"])
     err = capsys.readouterr().err
     assert rc == 1
     assert "data checks failed" in err and "test/contempt/" in err
     assert "Traceback" not in err
+    # what a runner reads through `dvc repro`: the type, not worth a retry
+    error = json.loads((tmp_path / "error.json").read_text())
+    assert error["type"] == "DataChecksFailed" and error["transient"] is False
+    assert (tmp_path / "reports/validate/result.json").is_file()   # reports written before stopping
 
 
 def test_hard_failure_raises_a_user_error_after_writing_reports(tmp_path, params_file, raw_tree):
@@ -110,3 +115,24 @@ def test_misspelt_params_file_exits_non_zero_naming_the_key(tmp_path, params_fil
     err = capsys.readouterr().err
     assert named in err and "Traceback" not in err
     assert not (tmp_path / "data").exists()   # failed before measuring anything
+
+
+def test_a_crash_mid_suite_keeps_the_previous_data_docs(tmp_path, params_file, monkeypatch):
+    from fer_pipeline.data import validate
+
+    _validate(tmp_path, params_file)
+    index = tmp_path / "reports" / "data_docs" / "index.html"
+    good = index.read_bytes()
+    real = validate._id_columns
+
+    def crash_on_second_asset(asset: str) -> list[str]:
+        if asset == "class_counts":   # the first asset's docs are already written by then
+            raise RuntimeError("killed mid-suite")
+        return real(asset)
+
+    monkeypatch.setattr(validate, "_id_columns", crash_on_second_asset)
+    with pytest.raises(RuntimeError, match="killed mid-suite"):
+        _validate(tmp_path, params_file)
+    assert index.read_bytes() == good
+    assert sorted(f.name for f in (tmp_path / "reports").iterdir()) == [
+        "data_docs", "result.json", "summary.json"]   # no half-written folder left beside it

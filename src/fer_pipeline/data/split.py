@@ -19,7 +19,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from fer_pipeline.arrays import TEST_FLAGS, SplitArrays, save_split, split_path
-from fer_pipeline.data.images import read_image, to_dataset_image
+from fer_pipeline.data.images import ImageDecodeError, read_image, to_dataset_image
 from fer_pipeline.errors import FerError, MissingInputError
 from fer_pipeline.io import write_text
 from fer_pipeline.params import CleanParams, DataParams, SplitParams
@@ -52,10 +52,20 @@ def assign_splits(kept: pd.DataFrame, data: DataParams, params: SplitParams) -> 
             "test": test.sort_values("relpath")}
 
 
+class RawDataChanged(FerError):
+    """A file clean kept no longer decodes as clean saw it: the inputs changed since clean."""
+
+
 def _decode(args: tuple[str, int, bool]) -> np.ndarray:
     path, size, resize = args
-    gray, _ = read_image(path)
-    return to_dataset_image(gray, size, resize)
+    try:
+        gray, _ = read_image(path)
+        return to_dataset_image(gray, size, resize)
+    except ImageDecodeError as exc:
+        raise RawDataChanged(
+            f"{path}: {exc}. clean kept this file, so the raw data (or clean.size_policy) changed "
+            "since clean ran: rerun `fer validate` and `fer clean` (`dvc repro split` does)"
+        ) from None
 
 
 def load_images(root: Path, relpaths: list[str], size: int, resize: bool) -> np.ndarray:

@@ -200,10 +200,16 @@ def validate_dataset(raw_dir: Path, data: DataParams, params: ValidateParams,
     with atomic_path(manifest_path) as tmp:
         manifest.to_csv(tmp, index=False)
     counts = class_counts(manifest, data, params)
+    # GX writes the Data Docs into a fresh folder beside the old one, swapped in when complete:
+    # a crash mid-suite leaves the previous docs, never half of new ones.
     docs_dir = reports_dir / "data_docs"
-    if docs_dir.exists():
-        shutil.rmtree(docs_dir)
-    results = run_suite({"files": manifest, "class_counts": counts}, data, params, docs_dir)
+    staging = reports_dir / f".data_docs.tmp{os.getpid()}"
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        results = run_suite({"files": manifest, "class_counts": counts}, data, params, staging)
+        _replace_dir(staging, docs_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
     hard, soft, checks = [], [], []
     for asset, res in results.items():
@@ -256,6 +262,15 @@ def validate_dataset(raw_dir: Path, data: DataParams, params: ValidateParams,
             + f"\nFix the raw data under {raw_dir} (or the bounds in params.yaml "
             "`validate`), then rerun. Full report: " + str(reports_dir / "result.json"))
     return outcome
+
+
+def _replace_dir(new: Path, dst: Path) -> None:
+    """Put the complete folder `new` at `dst` (renames only: `dst` is never half-written)."""
+    old = dst.with_name(f".{dst.name}.old{os.getpid()}")
+    if dst.exists():
+        dst.rename(old)
+    new.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _log_summary(outcome: ValidationOutcome, reports_dir: Path) -> None:
