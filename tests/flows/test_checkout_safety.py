@@ -52,12 +52,21 @@ def _store(repo: Path) -> None:
     client.create_experiment("fer-emotion")
 
 
-@pytest.mark.slow
-def test_sigkill_mid_training_leaves_the_checkout_as_it_was(tmp_path, api_url):
+def _project(tmp_path: Path) -> tuple[Path, dict[str, bytes | None], Path]:
+    """(sandbox checkout with its MLflow store, its params.yaml/dvc.lock bytes, workspaces)."""
     repo = make_project(tmp_path, n_models=1)
     _store(repo)
-    before = _snapshot(repo)
-    workspaces = tmp_path / "ws"
+    return repo, _snapshot(repo), tmp_path / "ws"
+
+
+def _assert_unchanged(repo: Path, before: dict[str, bytes | None]) -> None:
+    assert _snapshot(repo) == before
+    assert sh("git", "status", "--porcelain", cwd=repo).strip() == ""
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_leaves_the_checkout_as_it_was(tmp_path, api_url):
+    repo, before, workspaces = _project(tmp_path)
     proc = _flow(api_url, repo, workspaces, tmp_path, "--epochs", "200", "-S", "train.seed=7",
                  "--no-experiment")
     deadline = time.time() + 600
@@ -67,24 +76,21 @@ def test_sigkill_mid_training_leaves_the_checkout_as_it_was(tmp_path, api_url):
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)       # the flow, dvc and the training, mid-epoch
     proc.wait(timeout=30)
-    assert _snapshot(repo) == before
-    assert sh("git", "status", "--porcelain", cwd=repo).strip() == ""
+    _assert_unchanged(repo, before)
     status = sh("dvc", "status", cwd=repo)
     assert "train@custom_cnn" in status      # nothing trained in the checkout, and DVC says so
 
 
 @pytest.mark.slow
 def test_two_runs_at_once_each_keep_their_own_params(tmp_path, api_url):
-    repo = make_project(tmp_path, n_models=1)
-    _store(repo)
-    before = _snapshot(repo)
-    workspaces = tmp_path / "ws"
+    repo, before, workspaces = _project(tmp_path)
+    for seed in (7, 8):
+        (tmp_path / f"r{seed}").mkdir()
     runs = [_flow(api_url, repo, workspaces, tmp_path / f"r{seed}", "-S", f"train.seed={seed}")
-            for seed in (7, 8) if (tmp_path / f"r{seed}").mkdir() is None]
+            for seed in (7, 8)]
     logs = [p.communicate(timeout=900)[0] for p in runs]
     assert [p.returncode for p in runs] == [0, 0], "\n".join(log[-2000:] for log in logs)
-    assert _snapshot(repo) == before
-    assert sh("git", "status", "--porcelain", cwd=repo).strip() == ""
+    _assert_unchanged(repo, before)
     refs = [r for r in sh("git", "for-each-ref", "--format=%(refname)", "refs/exps",
                           cwd=repo).split() if "/prefect-" in r]   # the runs' experiments
     import yaml
