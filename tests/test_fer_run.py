@@ -40,3 +40,32 @@ def test_fer_run_leaves_the_checkout_untouched_and_records_an_experiment(tmp_pat
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.data.tags.get("model_name") for r in runs] == ["custom_cnn"]
+
+
+def test_fer_run_on_a_fresh_clone_fetches_the_raw_data_from_a_relative_remote(tmp_path):
+    """The README's `make run` on a fresh clone: the raw images exist only in the team's remote,
+    configured with a URL relative to the checkout (as `.dvc/config` ships it). The temporary
+    copy under .dvc/tmp cannot resolve that URL, so `fer run` fetches from the checkout first."""
+    origin = make_project(tmp_path / "origin", n_models=1)
+    sh("git", "rm", "-rq", "--cached", "data/raw/fer2013", cwd=origin)
+    sh("dvc", "remote", "add", "fer2013", "../../team-remote", cwd=origin)  # -> tmp/origin/team-remote
+    sh("dvc", "add", "-q", "data/raw/fer2013", cwd=origin)
+    dvcfile = yaml.safe_load((origin / "data/raw/fer2013.dvc").read_text())
+    dvcfile["outs"][0]["remote"] = "fer2013"
+    (origin / "data/raw/fer2013.dvc").write_text(yaml.safe_dump(dvcfile, sort_keys=False))
+    sh("dvc", "push", "-q", "data/raw/fer2013.dvc", cwd=origin)
+    sh("git", "add", "-A", cwd=origin)
+    sh("git", "commit", "-qm", "raw data in DVC", cwd=origin)
+
+    clone = tmp_path / "origin" / "clone"   # beside repo: ../../team-remote resolves the same
+    sh("git", "clone", "-q", str(origin), str(clone), cwd=tmp_path)
+    assert not (clone / "data/raw/fer2013").exists()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    res = subprocess.run(["fer", "run", "-n", "fresh", "-S", "models.custom_cnn.epochs=1"],
+                         cwd=clone, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert sh("git", "status", "--porcelain", cwd=clone).strip() == ""
+    ref = sh("git", "for-each-ref", "--format=%(refname)", "refs/exps", cwd=clone).split()
+    (fresh,) = [r for r in ref if r.endswith("/fresh")]
+    counts = yaml.safe_load(sh("git", "show", f"{fresh}:reports/split/counts.json", cwd=clone))
+    assert counts, "the run's split stage saw the fetched images"

@@ -108,6 +108,14 @@ def _run(args: argparse.Namespace) -> int:
     print("$ " + shlex.join(cmd), flush=True)
     if args.dry:
         return 0
+    # Fetch from the checkout, where relative remote URLs resolve, into the cache the temporary
+    # copy shares: the raw images from `fer2013`, outputs others pushed to `storage` (what no
+    # remote has is rebuilt by the run; DVC lists those as missing).
+    print("$ dvc fetch", flush=True)
+    if subprocess.call(["dvc", "fetch"]) != 0:
+        raise FerError("`dvc fetch` failed (above): the run needs the raw images from the "
+                       "`fer2013` remote. Check `dvc remote list`; a copy elsewhere: `dvc remote "
+                       "modify --local fer2013 url /path/to/dvc-remote`.")
     # The experiment runs in a temporary copy without the checkout's (gitignored) MLflow store:
     # point it at the checkout's store, resolved here.
     env = {**os.environ, "MLFLOW_TRACKING_URI": resolve_tracking_uri(p.mlflow.tracking_uri)}

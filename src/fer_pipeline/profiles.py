@@ -41,9 +41,12 @@ def set_args(overrides: dict[str, Any]) -> list[str]:
 
 def dvc_command(overrides: dict[str, Any], targets: list[str], queue: bool = False,
                 name: str | None = None) -> list[str]:
-    """`dvc exp run --pull --temp|--queue [-n NAME] -S ... [targets]` for already-checked
-    overrides: a temporary copy now, or the queue (`dvc queue start`); never the checkout."""
-    return ["dvc", "exp", "run", "--pull", "--queue" if queue else "--temp",
+    """`dvc exp run --temp|--queue [-n NAME] -S ... [targets]` for already-checked overrides:
+    a temporary copy now, or the queue (`dvc queue start`); never the checkout.
+
+    No `--pull`: the copy lives under .dvc/tmp, where the remotes' relative URLs
+    (`../../shared/...`) point elsewhere; `fer run` fetches into the shared cache first."""
+    return ["dvc", "exp", "run", "--queue" if queue else "--temp",
             *(["-n", name] if name else []), *set_args(overrides), *targets]
 
 
