@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import pandas as pd
 
 from fer_pipeline.data.manifest import build_manifest, list_dirs
 from fer_pipeline.errors import FerError
-from fer_pipeline.io import atomic_path, write_text
+from fer_pipeline.io import atomic_path, staged_dir, write_text
 from fer_pipeline.params import DataParams, ValidateParams
 
 log = logging.getLogger(__name__)
@@ -202,14 +201,8 @@ def validate_dataset(raw_dir: Path, data: DataParams, params: ValidateParams,
     counts = class_counts(manifest, data, params)
     # GX writes the Data Docs into a fresh folder beside the old one, swapped in when complete:
     # a crash mid-suite leaves the previous docs, never half of new ones.
-    docs_dir = reports_dir / "data_docs"
-    staging = reports_dir / f".data_docs.tmp{os.getpid()}"
-    try:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_dir(reports_dir / "data_docs") as staging:
         results = run_suite({"files": manifest, "class_counts": counts}, data, params, staging)
-        _replace_dir(staging, docs_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
     hard, soft, checks = [], [], []
     for asset, res in results.items():
@@ -262,15 +255,6 @@ def validate_dataset(raw_dir: Path, data: DataParams, params: ValidateParams,
             + f"\nFix the raw data under {raw_dir} (or the bounds in params.yaml "
             "`validate`), then rerun. Full report: " + str(reports_dir / "result.json"))
     return outcome
-
-
-def _replace_dir(new: Path, dst: Path) -> None:
-    """Put the complete folder `new` at `dst` (renames only: `dst` is never half-written)."""
-    old = dst.with_name(f".{dst.name}.old{os.getpid()}")
-    if dst.exists():
-        dst.rename(old)
-    new.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _log_summary(outcome: ValidationOutcome, reports_dir: Path) -> None:

@@ -64,6 +64,39 @@ def log_evaluation(run_id: str | None, name: str, metrics: dict[str, float], fig
         return run.info.run_id
 
 
+IMPORTED_MD5_TAG = "imported_model_md5"
+
+
+def import_local_model(name: str, model: Any, model_path: Path, x_example: Any,
+                       origin: dict[str, Any]) -> tuple[str, str]:
+    """(run id, model URI) of `model_path` logged into the current store: for a model whose
+    training run lives in another store (a fresh clone, another machine). One run per model
+    file: a second evaluate reuses it (found by the file's md5), so nothing is registered twice."""
+    import mlflow
+
+    from fer_pipeline.io import md5_file
+    from fer_pipeline.keras_mlflow import log_model, model_in_store
+
+    md5 = md5_file(model_path)
+    for run in mlflow.search_runs(filter_string=f"tags.{IMPORTED_MD5_TAG} = '{md5}'",
+                                  output_format="list", max_results=5):
+        uri = run.data.tags.get("imported_model_uri")
+        if model_in_store(uri):
+            log.info("%s: %s is already in this store (run %s)", name, model_path, run.info.run_id)
+            return run.info.run_id, str(uri)
+    log.warning("%s: its training run's model (%s in %s) is not in this tracking store: logging "
+                "%s as run %s-imported", name, origin.get("model_uri"),
+                origin.get("tracking_uri", "another store"), model_path, name)
+    with mlflow.start_run(run_name=f"{name}-imported") as run:
+        uri = log_model(model, x_example)
+        mlflow.set_tags({"model_name": name, IMPORTED_MD5_TAG: md5, "imported_model_uri": uri,
+                         "imported_from_run": str(origin.get("run_id", "")),
+                         "imported_from_store": str(origin.get("tracking_uri", "")),
+                         **{k: str(v) for k, v in origin.items()
+                            if k in ("arch", "pipeline_run_id", "precision", "backend")}})
+        return run.info.run_id, uri
+
+
 @dataclass
 class RegistryOutcome:
     model_name: str

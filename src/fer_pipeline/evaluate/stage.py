@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from fer_pipeline.errors import FerError, MissingInputError
-from fer_pipeline.io import md5_file, write_json
+from fer_pipeline.io import md5_file, staged_dir, write_json
 from fer_pipeline.params import EvaluateParams, MlflowParams, ModelParams, RegistryParams, TrainParams
 from fer_pipeline.tracking import data_hashes, setup_tracking
 
@@ -85,7 +85,13 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
     from fer_pipeline.champion import choose_champion
     from fer_pipeline.evaluate import metrics as M
     from fer_pipeline.evaluate import report as R
-    from fer_pipeline.evaluate.registry import Candidate, log_evaluation, register_and_decide
+    from fer_pipeline.evaluate.registry import (
+        Candidate,
+        import_local_model,
+        log_evaluation,
+        register_and_decide,
+    )
+    from fer_pipeline.keras_mlflow import model_in_store
 
     register = registry.enabled if register is None else register
     train_reports = Path(train.reports_dir)
@@ -106,107 +112,120 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
                     "Run `dvc repro train@%s`.", n, evaluate.val_path, n)
     mlflow_info = {n: (json.loads(p.read_text()) if (p := train_reports / n / "mlflow.json").is_file()
                        else {}) for n in found}
+    to_import: set[str] = set()
     if log_mlflow or register:
         uri = setup_tracking(mlflow.tracking_uri, mlflow.experiment, mlflow.probe_timeout_s)
         log.info("MLflow tracking: %s", uri)
+        # A model logged into another store (pulled with DVC into a fresh clone): its local
+        # file is logged here instead, so it can be evaluated, registered and served.
+        to_import = {n for n in found if mlflow_info[n].get("model_uri")
+                     and not model_in_store(mlflow_info[n]["model_uri"])}
 
     test = load_split(evaluate.test_path)
     classes = test.classes
     import keras
 
-    results: dict[str, dict[str, Any]] = {}
-    metrics_out: dict[str, dict[str, Any]] = {}
-    for name in found:
-        model = keras.saving.load_model(models_dir / name / "model.keras", compile=False)
-        n_out = int(model.output_shape[-1])
-        if n_out != len(classes):
-            raise FerError(f"{name} predicts {n_out} classes but the test split has "
-                           f"{len(classes)} ({', '.join(classes)}); retrain it: "
-                           f"`dvc repro train@{name}`")
-        pred = M.predict_proba(model, test.x, evaluate.batch_size, evaluate.tta)
-        del model
-        keras.backend.clear_session()
-        m = M.compute_metrics(test.y, pred.probs, classes, test.origin, test.flags)
-        y_pred = pred.probs.argmax(axis=1)
-        cm = M.confusion(test.y, y_pred, len(classes))
-        tm = train_metrics[name]
-        row: dict[str, Any] = {"model": name, "arch": mlflow_info[name].get("arch", models[name].arch)}
-        row.update({k: tm.get(k) for k in TRAIN_KEYS if k != "arch"})
-        row.update({k: v for k, v in m.items() if k != "per_class"})
-        row["images_per_second"] = round(pred.images_per_second, 1)
-        results[name] = row
-        metrics_out[name] = {k: v for k, v in row.items() if k not in ("model", "arch")}
-        metrics_out[name]["per_class"] = m["per_class"]
-        log.info("%s: test acc %.4f (public %s, private %s, clean %s), macro F1 %.4f, top-2 %.4f, "
-                 "%.0f img/s", name, m["test_accuracy"], _f(m["test_accuracy_public"]),
-                 _f(m["test_accuracy_private"]), _f(m["test_accuracy_clean"]), m["test_macro_f1"],
-                 m["test_top2_accuracy"], pred.images_per_second)
+    # Every file goes to a staging folder that replaces reports/evaluate only when all is
+    # written: a failure (a model that does not load, a registry error) leaves the old reports.
+    with staged_dir(out) as work:
+        results: dict[str, dict[str, Any]] = {}
+        metrics_out: dict[str, dict[str, Any]] = {}
+        for name in found:
+            model = keras.saving.load_model(models_dir / name / "model.keras", compile=False)
+            n_out = int(model.output_shape[-1])
+            if n_out != len(classes):
+                raise FerError(f"{name} predicts {n_out} classes but the test split has "
+                               f"{len(classes)} ({', '.join(classes)}); retrain it: "
+                               f"`dvc repro train@{name}`")
+            if name in to_import:
+                run_id, model_uri = import_local_model(name, model, models_dir / name / "model.keras",
+                                                       test.x[:4], mlflow_info[name])
+                mlflow_info[name] = {**mlflow_info[name], "run_id": run_id, "model_uri": model_uri,
+                                     "imported": True}
+            pred = M.predict_proba(model, test.x, evaluate.batch_size, evaluate.tta)
+            del model
+            keras.backend.clear_session()
+            m = M.compute_metrics(test.y, pred.probs, classes, test.origin, test.flags)
+            y_pred = pred.probs.argmax(axis=1)
+            cm = M.confusion(test.y, y_pred, len(classes))
+            tm = train_metrics[name]
+            row: dict[str, Any] = {"model": name, "arch": mlflow_info[name].get("arch", models[name].arch)}
+            row.update({k: tm.get(k) for k in TRAIN_KEYS if k != "arch"})
+            row.update({k: v for k, v in m.items() if k != "per_class"})
+            row["images_per_second"] = round(pred.images_per_second, 1)
+            results[name] = row
+            metrics_out[name] = {k: v for k, v in row.items() if k not in ("model", "arch")}
+            metrics_out[name]["per_class"] = m["per_class"]
+            log.info("%s: test acc %.4f (public %s, private %s, clean %s), macro F1 %.4f, top-2 %.4f, "
+                     "%.0f img/s", name, m["test_accuracy"], _f(m["test_accuracy_public"]),
+                     _f(m["test_accuracy_private"]), _f(m["test_accuracy_clean"]), m["test_macro_f1"],
+                     m["test_top2_accuracy"], pred.images_per_second)
 
-        # Files.
-        figs = {
-            "confusion": R.confusion_figure(cm, classes, f"{name}: confusion (counts)", False),
-            "confusion_normalized": R.confusion_figure(cm, classes,
-                                                       f"{name}: confusion (row-normalised)", True),
-            "curves": R.curves_figure(train_reports / name / "history.csv",
-                                      f"{name}: training curves"),
-        }
-        for kind, fig in figs.items():
-            if fig is not None:
-                R.save_figure(fig, out / "images" / f"{name}_{kind}.png")
-        for kind in ("confusion", "confusion_normalized"):  # same rows, two DVC templates
-            R.write_confusion_csv(out / kind / f"{name}.csv", test.y, y_pred, classes)
-        pc_rows = R.per_class_rows(m)
-        R.write_csv(out / "per_class" / f"{name}.csv", pc_rows,
-                    ["class", "precision", "recall", "f1", "support"])
-        if log_mlflow:
-            flat = M.flat_mlflow_metrics(m)
-            flat["test_images_per_second"] = float(pred.images_per_second)
-            run_id = log_evaluation(
-                mlflow_info[name].get("run_id"), name, flat,
-                {f"evaluation/{k}.png": f for k, f in figs.items()}, pc_rows,
-                {"eval_tta": evaluate.tta, "test_data_md5": _md5(evaluate.test_path)})
-            results[name]["_run_id"] = run_id
-        _close(figs.values())
+            # Files.
+            figs = {
+                "confusion": R.confusion_figure(cm, classes, f"{name}: confusion (counts)", False),
+                "confusion_normalized": R.confusion_figure(cm, classes,
+                                                           f"{name}: confusion (row-normalised)", True),
+                "curves": R.curves_figure(train_reports / name / "history.csv",
+                                          f"{name}: training curves"),
+            }
+            for kind, fig in figs.items():
+                if fig is not None:
+                    R.save_figure(fig, work / "images" / f"{name}_{kind}.png")
+            for kind in ("confusion", "confusion_normalized"):  # same rows, two DVC templates
+                R.write_confusion_csv(work / kind / f"{name}.csv", test.y, y_pred, classes)
+            pc_rows = R.per_class_rows(m)
+            R.write_csv(work / "per_class" / f"{name}.csv", pc_rows,
+                        ["class", "precision", "recall", "f1", "support"])
+            if log_mlflow:
+                flat = M.flat_mlflow_metrics(m)
+                flat["test_images_per_second"] = float(pred.images_per_second)
+                run_id = log_evaluation(
+                    mlflow_info[name].get("run_id"), name, flat,
+                    {f"evaluation/{k}.png": f for k, f in figs.items()}, pc_rows,
+                    {"eval_tta": evaluate.tta, "test_data_md5": _md5(evaluate.test_path)})
+                results[name]["_run_id"] = run_id
+            _close(figs.values())
 
-    for n in found:
-        results[n]["stale"] = metrics_out[n]["stale"] = n in stale
-    champion = choose_champion({n: results[n] for n in found if n not in stale})
-    for n in found:
-        results[n]["champion"] = n == champion
-        metrics_out[n]["champion"] = n == champion
-    outcome = None
-    if register and champion:
-        uri = mlflow_info[champion].get("model_uri")
-        if not uri:
-            log.warning("champion %s has no logged MLflow model (mlflow.log_model was false): "
-                        "not registered", champion)
-        else:
-            cinfo = mlflow_info[champion]
-            asked = promote if promote is not None else registry.promote and not names
-            not_asked = ("a --model subset was evaluated (pass --promote to allow it)" if names
-                         else "registry.promote is false (pass --promote to allow it)")
-            outcome = register_and_decide(registry, Candidate(
-                champion, uri, float(results[champion]["val_accuracy"]), val_md5, {
-                    "arch": str(cinfo.get("arch", "")), "classes": ",".join(classes),
-                    "test_accuracy": f"{results[champion]['test_accuracy']:.4f}",
-                    "pretrained": str(results[champion].get("pretrained")).lower(),
-                    "input": "float32 (N,48,48,1) raw grayscale 0..255"}),
-                bool(asked), not_asked,
-                lambda model_uri: _val_accuracy(model_uri, evaluate.val_path,
-                                                evaluate.batch_size)).as_dict()
+        for n in found:
+            results[n]["stale"] = metrics_out[n]["stale"] = n in stale
+        champion = choose_champion({n: results[n] for n in found if n not in stale})
+        for n in found:
+            results[n]["champion"] = n == champion
+            metrics_out[n]["champion"] = n == champion
+        outcome = None
+        if register and champion:
+            uri = mlflow_info[champion].get("model_uri")
+            if not uri:
+                log.warning("champion %s has no logged MLflow model (mlflow.log_model was false): "
+                            "not registered", champion)
+            else:
+                cinfo = mlflow_info[champion]
+                asked = promote if promote is not None else registry.promote and not names
+                not_asked = ("a --model subset was evaluated (pass --promote to allow it)" if names
+                             else "registry.promote is false (pass --promote to allow it)")
+                outcome = register_and_decide(registry, Candidate(
+                    champion, uri, float(results[champion]["val_accuracy"]), val_md5, {
+                        "arch": str(cinfo.get("arch", "")), "classes": ",".join(classes),
+                        "test_accuracy": f"{results[champion]['test_accuracy']:.4f}",
+                        "pretrained": str(results[champion].get("pretrained")).lower(),
+                        "input": "float32 (N,48,48,1) raw grayscale 0..255"}),
+                    bool(asked), not_asked,
+                    lambda model_uri: _val_accuracy(model_uri, evaluate.val_path,
+                                                    evaluate.batch_size)).as_dict()
 
-    R.write_metrics(out / "metrics.json", metrics_out)
-    first = results[found[0]]
-    note = {k: first[k] for k in ("test_n", "test_n_public", "test_n_private", "test_n_clean")}
-    note.update(tta=evaluate.tta, batch_size=evaluate.batch_size,
-                registry=outcome["message"] if outcome else None)
-    rows = R.comparison_rows({n: results[n] for n in found})
-    R.write_comparison(out, rows, champion, note)
-    write_json(out / "champion.json", {
-        "champion": champion, "val_accuracy": results[champion]["val_accuracy"] if champion else None,
-        "val_data_md5": val_md5, "stale": stale, "min_improvement": registry.min_improvement,
-        "decision": outcome["decision"] if outcome else None,
-        "reason": outcome["reason"] if outcome else None, "registry": outcome})
+        R.write_metrics(work / "metrics.json", metrics_out)
+        first = results[found[0]]
+        note = {k: first[k] for k in ("test_n", "test_n_public", "test_n_private", "test_n_clean")}
+        note.update(tta=evaluate.tta, batch_size=evaluate.batch_size,
+                    registry=outcome["message"] if outcome else None)
+        rows = R.comparison_rows({n: results[n] for n in found})
+        R.write_comparison(work, rows, champion, note)
+        write_json(work / "champion.json", {
+            "champion": champion, "val_accuracy": results[champion]["val_accuracy"] if champion else None,
+            "val_data_md5": val_md5, "stale": stale, "min_improvement": registry.min_improvement,
+            "decision": outcome["decision"] if outcome else None,
+            "reason": outcome["reason"] if outcome else None, "registry": outcome})
     log.info("champion: %s; comparison in %s", champion, out / "comparison.md")
     return EvaluationResult(results, champion, outcome, out, skipped)
 
