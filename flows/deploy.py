@@ -1,7 +1,9 @@
 """Register the deployments of prefect.yaml on the server at PREFECT_API_URL.
 
-Idempotent: creates the `gpu` process work pool (+ its `train` queue) and the `gpu` tag
-concurrency limit when missing, then runs `prefect deploy --all`. `make deploy` calls this.
+Idempotent: creates the `gpu` process work pool (+ its `train` queue), sets the pool's
+`default` queue to one flow run at a time (the one limit over every pipeline deployment:
+nightly, on-demand and any added to that queue), sets the `gpu` tag concurrency limit, then runs
+`prefect deploy --all`. `make deploy` calls this.
 
     python flows/deploy.py [--pool gpu] [--gpus 1]
 """
@@ -40,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"created work pool {args.pool} (process)")
     if prefect("work-queue", "inspect", "train", "--pool", args.pool, check=False).returncode != 0:
         prefect("work-queue", "create", "train", "--pool", args.pool)
+    # One pipeline run at a time over every deployment of the flow: they all use this queue
+    # (a per-deployment limit would let nightly and on-demand run together).
+    prefect("work-queue", "set-concurrency-limit", "default", "1", "--pool", args.pool)
+    print(f"concurrency limit: queue {args.pool}/default = 1 pipeline run at once")
     # Tag-based task concurrency: every training task carries the tag `gpu`.
     prefect("concurrency-limit", "delete", "gpu", check=False)
     prefect("concurrency-limit", "create", "gpu", str(args.gpus))

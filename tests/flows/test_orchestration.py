@@ -174,22 +174,30 @@ def test_deployments_and_a_real_worker(prefect_server, tmp_path):
                 parameters={"project_dir": str(repo), "save_experiment": False})
 
     flow_run = run(trigger())
+
+    async def trigger_nightly():   # at the same time, through the other deployment
+        async with get_client() as client:
+            return await client.create_flow_run_from_deployment(
+                deps["fer-pipeline/nightly"].id,
+                parameters={"project_dir": str(repo), "save_experiment": False})
+
+    nightly_run = run(trigger_nightly())
     worker = subprocess.Popen([BIN / "prefect", "worker", "start", "--pool", "gpu", "--type", "process",
                                "--name", "test-worker"], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
 
-    async def wait_final():
+    async def wait_both():
         async with get_client() as client:
-            for _ in range(240):
-                fr = await client.read_flow_run(flow_run.id)
-                if fr.state and fr.state.is_final():
-                    return fr
+            for _ in range(300):
+                frs = [await client.read_flow_run(i) for i in (flow_run.id, nightly_run.id)]
+                if all(f.state and f.state.is_final() for f in frs):
+                    break
                 await asyncio.sleep(1)
-            return fr
+            return frs
 
     try:
-        fr = run(wait_final())
+        fr, nightly_fr = run(wait_both())
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         try:
@@ -200,3 +208,8 @@ def test_deployments_and_a_real_worker(prefect_server, tmp_path):
     assert fr.state.is_failed(), f"{fr.state}\n{log[-3000:]}"
     assert "data checks failed" in fr.state.message and "train/Sad/" in fr.state.message
     assert "test-worker" in log or fr.work_pool_name == "gpu"
+    # One concurrency limit over both deployments: the worker ran them one after the other.
+    assert nightly_fr.state.is_failed(), f"{nightly_fr.state}\n{log[-3000:]}"
+    first, second = sorted([fr, nightly_fr], key=lambda f: f.start_time)
+    assert second.start_time >= first.end_time, (first.start_time, first.end_time,
+                                                 second.start_time)
