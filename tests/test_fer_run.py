@@ -69,3 +69,38 @@ def test_fer_run_on_a_fresh_clone_fetches_the_raw_data_from_a_relative_remote(tm
     (fresh,) = [r for r in ref if r.endswith("/fresh")]
     counts = yaml.safe_load(sh("git", "show", f"{fresh}:reports/split/counts.json", cwd=clone))
     assert counts, "the run's split stage saw the fetched images"
+
+
+def test_a_smoke_profile_after_a_real_champion_leaves_the_alias_and_says_so(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    repo = make_project(tmp_path, n_models=1, mlflow_uri="sqlite:///mlflow.db")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["mlflow"]["log_model"] = True
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / "profiles").mkdir(exist_ok=True)
+    (repo / "profiles/smoke.yaml").write_text(          # what the quick profile says about it
+        "models.custom_cnn.epochs: 2\nregistry.promote: false\n")
+    with (repo / ".gitignore").open("a") as fh:
+        fh.write("/mlflow.db\n/mlruns/\n")
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "log models; smoke profile", cwd=repo)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    # The real champion: the project's own pipeline, promotion on (params.yaml's default).
+    res = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("fer-emotion", "champion")
+
+    res = subprocess.run(["fer", "run", "--profile", "smoke", "-n", "smoke"], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert (f"registry: @champion unchanged, still v{champion.version} (custom_cnn); candidate "
+            "custom_cnn") in res.stdout
+    assert "not_asked (registry.promote is false" in res.stdout
+    versions = client.search_model_versions("name='fer-emotion'")
+    assert len(versions) == 2                          # the smoke model: registered, recorded
+    assert client.get_model_version_by_alias("fer-emotion", "champion").version == champion.version
+    smoke = max(versions, key=lambda v: int(v.version))
+    assert smoke.tags["promotion_decision"] == "not_asked"

@@ -125,7 +125,35 @@ def _run(args: argparse.Namespace) -> int:
               f"reports: `git show $(git for-each-ref --format='%(refname)' refs/exps | grep "
               f"/{name}$):reports/evaluate/comparison.md`; take it over: `dvc exp apply {name}`; "
               f"MLflow: runs tagged pipeline_run_id in {env['MLFLOW_TRACKING_URI']}")
+        print(_registry_line(name))
     return rc
+
+
+def _registry_line(experiment: str) -> str:
+    """What the run's evaluate did to the registry's champion, from the experiment's
+    reports/evaluate/champion.json (a profile run must say that it left the alias alone)."""
+    import subprocess
+
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"],
+                          capture_output=True, text=True).stdout.split()
+    ref = next((r for r in refs if r.endswith(f"/{experiment}")), None)
+    shown = subprocess.run(["git", "show", f"{ref}:reports/evaluate/champion.json"],
+                           capture_output=True, text=True) if ref else None
+    if not shown or shown.returncode != 0:
+        return "registry: this run did not evaluate (no reports/evaluate/champion.json)"
+    info = json.loads(shown.stdout)
+    outcome = info.get("registry") or {}
+    decision, reason = info.get("decision"), info.get("reason")
+    if not outcome:
+        return f"registry: nothing registered (candidate {info.get('champion')})"
+    if decision == "promoted":
+        return (f"registry: {outcome.get('champion')} (v{outcome.get('version')}) is now "
+                f"@champion: {reason}")
+    before = outcome.get("champion_before") or {}
+    where = (f"v{before.get('version')} ({before.get('model')})" if before.get("version")
+             else "no version")
+    return (f"registry: @champion unchanged, still {where}; candidate {outcome.get('champion')} "
+            f"v{outcome.get('version')}: {decision} ({reason})")
 
 
 def build_parser() -> argparse.ArgumentParser:
