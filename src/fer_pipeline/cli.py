@@ -77,20 +77,64 @@ def _promote(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    import contextlib
+
     # Outside a project (no params.yaml) predict still works, with the declared defaults.
     p = P.load(args.params) if args.params != "params.yaml" or Path(args.params).is_file() \
         else P.Params()
-    from fer_pipeline.predict import predict_files
+    from fer_pipeline.predict import Progress, predict_files
 
-    report = predict_files(args.paths, args.model, p.data.classes, p.registry, p.mlflow,
-                           detect=not args.no_detect, annotate_out=args.annotate)
-    for r in report["results"]:
-        if not r["ok"]:
-            print(f"fer predict: {r['path']}: {r['error']}", file=sys.stderr)
-        elif not r["faces"]:
-            print(f"fer predict: {r['path']}: no face found", file=sys.stderr)
-    print(json.dumps(report, indent=2))
+    out = sys.stdout          # only results go here; anything a library prints goes to stderr
+    progress = Progress(sys.stderr)
+    csv_writer = None
+
+    def emit(result: dict, done: int, total: int) -> None:
+        nonlocal csv_writer
+        progress(result, done, total)
+        if not result.get("ok"):
+            print(f"fer predict: {result['path']}: {result['error']}", file=sys.stderr)
+        elif not result["faces"]:
+            print(f"fer predict: {result['path']}: no face found", file=sys.stderr)
+        if args.format == "jsonl":
+            out.write(json.dumps(result) + "\n")
+            out.flush()
+        elif args.format == "csv":
+            if csv_writer is None:
+                csv_writer = _CsvFaces(out, p.data.classes)
+            csv_writer.write(result)
+
+    with contextlib.redirect_stdout(sys.stderr):   # Keras/MLflow progress bars, prints
+        report = predict_files(args.paths, args.model, p.data.classes, p.registry, p.mlflow,
+                               detect=not args.no_detect, annotate_out=args.annotate,
+                               limits=p.predict, on_result=emit)
+    if args.format == "json":
+        out.write(json.dumps(report, indent=2) + "\n")
+    out.flush()
     return 0 if any(r["ok"] for r in report["results"]) else 1
+
+
+class _CsvFaces:
+    """One row per face (a file without faces, or that failed: one row, emotion empty)."""
+
+    def __init__(self, stream, classes: list[str]) -> None:
+        import csv
+
+        self.classes = classes
+        self.writer = csv.writer(stream, lineterminator="\n")
+        self.writer.writerow(["path", "ok", "face", "x", "y", "w", "h", "emotion", "confidence",
+                              *[f"p_{c}" for c in classes], "message"])
+
+    def write(self, r: dict) -> None:
+        note = r.get("error") or r.get("message") or ""
+        faces = r.get("faces") or []
+        if not faces:
+            self.writer.writerow([r["path"], r.get("ok", False), "", "", "", "", "", "", "",
+                                  *[""] * len(self.classes), note])
+        for k, f in enumerate(faces):
+            b = f["box"]
+            self.writer.writerow([r["path"], True, k, b["x"], b["y"], b["w"], b["h"], f["emotion"],
+                                  f["confidence"], *[f["probabilities"].get(c, "")
+                                                     for c in self.classes], note])
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -207,7 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_promote)
 
     p = sub.add_parser("predict", help="classify the emotion of faces in photos (JSON)")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files (photos or 48x48 crops)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="image files (photos or 48x48 crops) or folders (searched recursively)")
+    p.add_argument("--format", choices=["json", "jsonl", "csv"], default="json",
+                   help="stdout: one JSON document (default), JSON lines as files finish, or CSV "
+                        "(one row per face)")
     p.add_argument("--model", default=None,
                    help="local .keras file, MLflow model folder or MLflow URI "
                         "(default: models:/<registry.model_name>@<registry.champion_alias>)")

@@ -213,6 +213,15 @@ class RegistryParams:
     min_improvement: float = 0.0         # val accuracy a candidate must beat the champion by
 
 
+@dataclass(frozen=True)
+class PredictParams:
+    """`fer predict` on photo collections (not a pipeline stage: no DVC deps)."""
+
+    max_file_mb: float = 50.0            # larger files are reported, not read
+    max_pixels: int = 50_000_000         # width x height above this: reported (decompression bombs)
+    batch_files: int = 32                # files whose faces go to the model in one call
+
+
 # ---- the root -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -226,6 +235,7 @@ class Params:
     mlflow: MlflowParams = field(default_factory=MlflowParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
+    predict: PredictParams = field(default_factory=PredictParams)
 
     def model(self, name: str) -> ModelParams:
         if name not in self.models:

@@ -128,15 +128,26 @@ def test_cli_user_error_is_one_line_but_a_bug_shows_its_traceback(local_model, t
     assert err.strip().splitlines() == [
         f"fer predict: error: model file not found: {tmp_path / 'nope.keras'} "
         f"(train it: `dvc repro train`)"]
-    # A bug while classifying one file is not reported as that file's problem: it propagates.
+    # An unexpected error on one file (a bug, an OpenCV error): that file's entry, the others
+    # go on, and its traceback is shown (it is not passed off as a bad image).
     import fer_pipeline.predict as predict
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("bug in crop_face")
+    real = predict.crop_face
+
+    def broken(gray, box):
+        if gray.shape == (48, 48):
+            raise RuntimeError("bug in crop_face")
+        return real(gray, box)
 
     monkeypatch.setattr(predict, "crop_face", broken)
-    with pytest.raises(RuntimeError, match="bug in crop_face"):
-        main(["predict", "--model", str(local_model), crop])
+    photo = tmp_path / "photo.png"
+    cv2.imwrite(str(photo), np.full((100, 120), 128, np.uint8))
+    assert main(["predict", "--model", str(local_model), crop, str(photo)]) == 0
+    captured = capsys.readouterr()
+    res = {r["path"]: r for r in json.loads(captured.out)["results"]}
+    assert res[crop]["error"] == "RuntimeError: bug in crop_face" and res[crop]["unexpected"]
+    assert res[str(photo)]["ok"]
+    assert "Traceback" in captured.err and "bug in crop_face" in captured.err
 
 
 def test_a_model_for_other_classes_fails_at_load(local_model, photo):
