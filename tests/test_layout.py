@@ -14,6 +14,7 @@ BASE = {"errors", "params", "io", "arrays", "tracking", "keras_mlflow", "plots",
         "synthetic", "sandbox", "profiles"}
 STAGES = {"data", "train", "evaluate", "predict"}   # each: base + its own package only
 RUNNER = {"orchestrate"}                             # base only (it shells out to `dvc`)
+APPS = {"serve": {"predict"}, "web": set()}          # predict over HTTP: base + predict
 
 
 def _unit(path: Path) -> str:
@@ -41,7 +42,7 @@ def _modules() -> list[Path]:
 
 
 def test_every_module_has_a_place_in_the_layout():
-    known = BASE | STAGES | RUNNER | {"cli"}
+    known = BASE | STAGES | RUNNER | set(APPS) | {"cli"}
     assert {_unit(p) for p in _modules()} <= known
 
 
@@ -50,7 +51,8 @@ def test_imports_point_one_way():
     for path in _modules():
         unit = _unit(path)
         allowed = (BASE if unit in BASE | RUNNER else BASE | {unit} if unit in STAGES
-                   else BASE | STAGES)  # cli: everything
+                   else BASE | APPS[unit] if unit in APPS
+                   else BASE | STAGES | set(APPS))  # cli: everything
         for target in sorted(_project_imports(path) - allowed - {unit}):
             wrong.append(f"{path.relative_to(ROOT)} imports fer_pipeline.{target}")
     assert not wrong, "imports against the layout:\n  " + "\n  ".join(wrong)

@@ -113,6 +113,21 @@ def _predict(args: argparse.Namespace) -> int:
     return 0 if any(r["ok"] for r in report["results"]) else 1
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    p = P.load(args.params) if args.params != "params.yaml" or Path(args.params).is_file() \
+        else P.Params()
+    serve = dataclasses.replace(p.serve, **{k: v for k, v in (("host", args.host),
+                                                                ("port", args.port)) if v})
+    from fer_pipeline.predict import default_model_uri, load_classifier
+    from fer_pipeline.serve import run
+
+    clf = load_classifier(args.model or default_model_uri(p.registry), p.data.classes, p.mlflow)
+    run(clf, serve, p.predict)
+    return 0
+
+
 class _CsvFaces:
     """One row per face (a file without faces, or that failed: one row, emotion empty)."""
 
@@ -265,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-detect", action="store_true",
                    help="no face detection: classify each whole image as one face")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("serve", help="HTTP service + web page: POST /predict, GET / (127.0.0.1)")
+    p.add_argument("--model", default=None, help="as for `fer predict` (default: the champion)")
+    p.add_argument("--host", default=None, help="bind address (default: params serve.host, "
+                                                 "127.0.0.1; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=None, help="port (default: params serve.port)")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("run", help="run the pipeline as a DVC experiment, optionally with a profile")
     p.add_argument("--profile", help="profile name from profiles/ (e.g. quick)")

@@ -222,6 +222,17 @@ class PredictParams:
     batch_files: int = 32                # files whose faces go to the model in one call
 
 
+@dataclass(frozen=True)
+class ServeParams:
+    """`fer serve`: the HTTP service and its web page (predict.* limits apply per image too)."""
+
+    host: str = "127.0.0.1"              # bind address; 0.0.0.0 exposes it to the network
+    port: int = 8000
+    max_request_mb: float = 20.0         # a larger request body is refused (413)
+    max_images: int = 16                 # images per request (a batch)
+    timeout_s: float = 30.0              # a request taking longer is answered 503
+
+
 # ---- the root -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -236,6 +247,7 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
     predict: PredictParams = field(default_factory=PredictParams)
+    serve: ServeParams = field(default_factory=ServeParams)
 
     def model(self, name: str) -> ModelParams:
         if name not in self.models:

@@ -54,6 +54,7 @@ class Classifier:
     classes: list[str]
     source: str
     kind: str   # keras | pyfunc
+    version: str | None = None   # the registered version, when loaded from the registry
 
     def predict(self, faces: np.ndarray) -> np.ndarray:
         x = np.asarray(faces, dtype=np.float32)
@@ -105,14 +106,18 @@ def load_classifier(ref: str, classes: list[str], mlflow: MlflowParams) -> Class
     uri = resolve_tracking_uri(mlflow.tracking_uri)
     check_reachable(uri, mlflow.probe_timeout_s)
     mlflow_lib.set_tracking_uri(uri)
-    classes = _registry_classes(ref) or list(classes)
+    registered = _registry_version(ref)
+    classes = ((registered.tags or {}).get("classes", "").split(",") if registered else []) \
+        or list(classes)
     try:
         model = mlflow_lib.pyfunc.load_model(ref)
     except MlflowException as exc:
         raise FerError(_explain_mlflow_error(ref, uri, exc.message)) from exc
     except OSError as exc:
         raise FerError(f"cannot load {ref} from {uri}: {exc}") from exc
-    return _checked(Classifier(model, classes, ref, "pyfunc"), (ValueError, MlflowException))
+    return _checked(Classifier(model, classes, ref, "pyfunc",
+                               str(registered.version) if registered else None),
+                    (ValueError, MlflowException))
 
 
 def _checked(clf: Classifier, errors: tuple[type[Exception], ...]) -> Classifier:
@@ -138,8 +143,9 @@ def _explain_mlflow_error(ref: str, uri: str, message: str) -> str:
     return f"cannot load {ref} from tracking store {uri}: {first}. {hint}"
 
 
-def _registry_classes(ref: str) -> list[str] | None:
-    """Class order recorded on a registered version (tag `classes`), if `ref` names one."""
+def _registry_version(ref: str) -> Any | None:
+    """The registered version `ref` names (models:/NAME@ALIAS, models:/NAME/VERSION), if any:
+    its tag `classes` gives the output order."""
     if not ref.startswith("models:/"):
         return None
     from mlflow.exceptions import MlflowException
@@ -150,24 +156,19 @@ def _registry_classes(ref: str) -> list[str] | None:
     try:
         if "@" in body:
             name, alias = body.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        elif "/" in body:
+            return client.get_model_version_by_alias(name, alias)
+        if "/" in body:
             name, version = body.split("/", 1)
-            mv = client.get_model_version(name, version)
-        else:
-            return None
+            return client.get_model_version(name, version)
+        return None
     except MlflowException as exc:
         raise FerError(_explain_mlflow_error(ref, client.tracking_uri, exc.message)) from exc
-    tag = (mv.tags or {}).get("classes")
-    return tag.split(",") if tag else None
 
 
 # ---- images and faces -------------------------------------------------------------------------
 
 def read_image(path: Path, limits: PredictParams | None = None) -> np.ndarray:
     """BGR (or gray) uint8 image, EXIF orientation applied; ImageError with a per-file reason."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     limits = limits or PredictParams()
     try:
         st = path.stat()
@@ -184,9 +185,29 @@ def read_image(path: Path, limits: PredictParams | None = None) -> np.ndarray:
     if st.st_size > limits.max_file_mb * 1e6:
         raise ImageError(f"file too large: {st.st_size / 1e6:.1f} MB > predict.max_file_mb "
                          f"{limits.max_file_mb:g}")
+    return decode_image(path, limits)
+
+
+def decode_bytes(data: bytes, limits: PredictParams | None = None) -> np.ndarray:
+    """As read_image, for bytes received (an upload): the same limits, the same errors."""
+    limits = limits or PredictParams()
+    if not data:
+        raise ImageError("empty body: no image")
+    if len(data) > limits.max_file_mb * 1e6:
+        raise ImageError(f"file too large: {len(data) / 1e6:.1f} MB > predict.max_file_mb "
+                         f"{limits.max_file_mb:g}")
+    import io
+
+    return decode_image(io.BytesIO(data), limits)
+
+
+def decode_image(source: Any, limits: PredictParams) -> np.ndarray:
+    """Decode with Pillow: pixel limit from the header before decoding, EXIF orientation."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
     Image.MAX_IMAGE_PIXELS = None      # our own limit below, checked before any decoding
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             w, h = im.size
             if w * h > limits.max_pixels:
                 raise ImageError(f"image too large: {w}x{h} = {w * h:,} pixels > "
@@ -325,9 +346,14 @@ class _Prepared:
 
 def _prepare(path: Path, detect: bool, limits: PredictParams) -> _Prepared:
     """Read one file and crop its faces; any failure becomes that file's entry."""
-    result: dict[str, Any] = {"path": str(path)}
+    return prepare(str(path), lambda: read_image(path, limits), detect)
+
+
+def prepare(name: str, load: Callable[[], np.ndarray], detect: bool) -> _Prepared:
+    """Load one image (`load`) and crop its faces; any failure becomes its entry."""
+    result: dict[str, Any] = {"path": name}
     try:
-        img = read_image(path, limits)
+        img = load()
         gray = to_gray(img)
         h, w = gray.shape[:2]
         result["image_size"] = {"width": int(w), "height": int(h)}
@@ -346,11 +372,26 @@ def _prepare(path: Path, detect: bool, limits: PredictParams) -> _Prepared:
         import sys
         import traceback
 
-        print(f"fer predict: {path}: unexpected {type(exc).__name__} (traceback below); the "
+        print(f"fer predict: {name}: unexpected {type(exc).__name__} (traceback below); the "
               f"other files go on", file=sys.stderr)
         traceback.print_exception(exc, file=sys.stderr)
         result.update(ok=False, error=f"{type(exc).__name__}: {exc}", unexpected=True)
     return _Prepared(result)
+
+
+def classify_prepared(clf: Classifier, chunk: list[_Prepared],
+                      annotate_to: list[Path | None] | None = None) -> list[dict[str, Any]]:
+    """Results for prepared images: all their faces in one model call."""
+    crops = [c.crops for c in chunk if c.crops is not None]
+    probs = clf.predict(np.concatenate(crops)) if crops else None
+    out, offset = [], 0
+    for k, prep in enumerate(chunk):
+        mine = None
+        if prep.crops is not None:
+            mine = probs[offset:offset + len(prep.crops)]
+            offset += len(prep.crops)
+        out.append(_finish(prep, mine, clf.classes, annotate_to[k] if annotate_to else None))
+    return out
 
 
 def _finish(prep: _Prepared, probs: np.ndarray | None, classes: list[str],
@@ -387,18 +428,11 @@ def iter_predictions(clf: Classifier, files: list[Path], detect: bool = True,
     limits = limits or PredictParams()
     step = max(1, limits.batch_files)
     for start in range(0, len(files), step):
-        chunk = [_prepare(p, detect, limits) for p in files[start:start + step]]
-        crops = [c.crops for c in chunk if c.crops is not None]
-        probs = clf.predict(np.concatenate(crops)) if crops else None
-        offset = 0
-        for prep, path in zip(chunk, files[start:start + step], strict=True):
-            mine = None
-            if prep.crops is not None:
-                mine = probs[offset:offset + len(prep.crops)]
-                offset += len(prep.crops)
-            target = (_annotate_path(Path(annotate_out), path, len(files)) if annotate_out
-                      else None)
-            yield _finish(prep, mine, clf.classes, target)
+        paths = files[start:start + step]
+        chunk = [_prepare(p, detect, limits) for p in paths]
+        targets = [_annotate_path(Path(annotate_out), p, len(files)) if annotate_out else None
+                   for p in paths]
+        yield from classify_prepared(clf, chunk, targets)
 
 
 def classify_file(clf: Classifier, path: Path, detect: bool = True,
