@@ -106,11 +106,23 @@ def _predict(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr):   # Keras/MLflow progress bars, prints
         report = predict_files(args.paths, args.model, p.data.classes, p.registry, p.mlflow,
                                detect=not args.no_detect, annotate_out=args.annotate,
-                               limits=p.predict, on_result=emit)
+                               limits=p.predict, on_result=emit, tta=args.tta)
     if args.format == "json":
         out.write(json.dumps(report, indent=2) + "\n")
     out.flush()
     return 0 if any(r["ok"] for r in report["results"]) else 1
+
+
+def _export(args: argparse.Namespace) -> None:
+    p = P.load(args.params)
+    from fer_pipeline.export import export_release
+
+    out = export_release(p.models, p.train, p.evaluate, p.registry, args.out, args.model,
+                         root=Path(args.params).parent)
+    man = json.loads((out / "model.json").read_text())
+    print(f"released {man['model']} (val {man['metrics'].get('val_accuracy', 0):.4f}, test "
+          f"{man['metrics'].get('test_accuracy', 0):.4f}) to {out}/: "
+          f"{', '.join(sorted(f.name for f in out.iterdir()))}; commit it with git")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -120,10 +132,10 @@ def _serve(args: argparse.Namespace) -> int:
         else P.Params()
     serve = dataclasses.replace(p.serve, **{k: v for k, v in (("host", args.host),
                                                                 ("port", args.port)) if v})
-    from fer_pipeline.predict import default_model_uri, load_classifier
+    from fer_pipeline.predict import resolve_classifier
     from fer_pipeline.serve import run
 
-    clf = load_classifier(args.model or default_model_uri(p.registry), p.data.classes, p.mlflow)
+    clf = resolve_classifier(args.model, p.data.classes, p.registry, p.mlflow, p.predict, args.tta)
     run(clf, serve, p.predict)
     return 0
 
@@ -277,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotate", metavar="OUT", default=None,
                    help="write the photo with boxes and labels: a file for one input, else a "
                         "folder (<stem>_annotated.png)")
+    p.add_argument("--tta", choices=["none", "flip", "flip_crops"], default=None,
+                   help="test-time augmentation (default: the release's, else none)")
     p.add_argument("--no-detect", action="store_true",
                    help="no face detection: classify each whole image as one face")
     p.set_defaults(func=_predict)
@@ -286,7 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="bind address (default: params serve.host, "
                                                  "127.0.0.1; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=None, help="port (default: params serve.port)")
+    p.add_argument("--tta", choices=["none", "flip", "flip_crops"], default=None,
+                   help="test-time augmentation (default: the release's, else none)")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("export", help="write the evaluated champion to release/ (commit it)")
+    p.add_argument("--model", default=None, help="an evaluated model (default: the champion)")
+    p.add_argument("--out", default="release", help="bundle folder (default: %(default)s)")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("run", help="run the pipeline as a DVC experiment, optionally with a profile")
     p.add_argument("--profile", help="profile name from profiles/ (e.g. quick)")

@@ -220,6 +220,8 @@ class PredictParams:
     max_file_mb: float = 50.0            # larger files are reported, not read
     max_pixels: int = 50_000_000         # width x height above this: reported (decompression bombs)
     batch_files: int = 32                # files whose faces go to the model in one call
+    release_dir: str = "release"         # the bundled model (fer export); used without --model
+                                         # when no tracking store has a champion
 
 
 @dataclass(frozen=True)

@@ -55,21 +55,98 @@ class Classifier:
     source: str
     kind: str   # keras | pyfunc
     version: str | None = None   # the registered version, when loaded from the registry
+    tta: str = "none"            # test-time augmentation (the release's: as it was measured)
+    exported_at: str | None = None
+    commit: str | None = None
 
     def predict(self, faces: np.ndarray) -> np.ndarray:
+        from fer_pipeline.tta import views
+
         x = np.asarray(faces, dtype=np.float32)
-        if self.kind == "keras":
-            out = self.model.predict(x, verbose=0)
-        else:
-            out = self.model.predict(x)
-        return np.asarray(getattr(out, "values", out), dtype=np.float32)
+        all_views = views(x, self.tta)
+        total = None
+        for view in all_views:
+            out = self.model.predict(view, verbose=0) if self.kind == "keras" \
+                else self.model.predict(view)
+            probs = np.asarray(getattr(out, "values", out), dtype=np.float32)
+            total = probs if total is None else total + probs
+        return total / len(all_views)
 
 
 def default_model_uri(registry: RegistryParams) -> str:
     return f"models:/{registry.model_name}@{registry.champion_alias}"
 
 
-def load_classifier(ref: str, classes: list[str], mlflow: MlflowParams) -> Classifier:
+def resolve_classifier(model: str | None, classes: list[str], registry: RegistryParams,
+                       mlflow: MlflowParams, limits: PredictParams | None = None,
+                       tta: str | None = None) -> Classifier:
+    """The model `fer predict`/`fer serve` use: `model` when given; else the registry's champion
+    when a tracking store has one; else the bundled release (fer export). Says which on stderr."""
+    import sys
+
+    limits = limits or PredictParams()
+    if model:
+        clf = load_classifier(model, classes, mlflow)
+    else:
+        missing = champion_missing(registry, mlflow)
+        if missing is None:
+            clf = load_classifier(default_model_uri(registry), classes, mlflow)
+        else:
+            from fer_pipeline.release import find_release
+
+            folder = find_release(limits.release_dir)
+            if folder is None:
+                raise FerError(f"no model to use: {missing}, and no bundled release "
+                               f"({limits.release_dir}/model.json). Train and evaluate "
+                               f"(`dvc repro evaluate`), or pass --model "
+                               f"models/<name>/model.keras.")
+            clf = load_release(folder)
+            print(f"fer: {missing}: using the bundled release {clf.source} (exported "
+                  f"{clf.exported_at}, commit {clf.commit})", file=sys.stderr)
+    if tta:
+        clf.tta = tta
+    return clf
+
+
+def champion_missing(registry: RegistryParams, mlflow: MlflowParams) -> str | None:
+    """Why the registry's champion cannot be used (no store, unreachable, no alias), or None.
+    A local store that does not exist is not created by asking."""
+    from fer_pipeline.errors import TransientError
+
+    uri = resolve_tracking_uri(mlflow.tracking_uri)
+    local = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else (
+        uri if "://" not in uri else uri[len("file://"):] if uri.startswith("file://") else None)
+    if local is not None and not Path(local).exists():
+        return f"no MLflow store at {local}"
+    try:
+        check_reachable(uri, mlflow.probe_timeout_s)
+    except (TransientError, FerError) as exc:
+        return f"tracking store {uri} unreachable ({exc})"
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).get_model_version_by_alias(registry.model_name, registry.champion_alias)
+    except MlflowException:
+        return f"no {registry.model_name}@{registry.champion_alias} in {uri}"
+    return None
+
+
+def load_release(folder: str | Path) -> Classifier:
+    """The bundle `fer export` wrote: its classes and test-time augmentation, checked."""
+    from fer_pipeline.release import MODEL_FILE, read_release
+
+    folder = Path(folder)
+    man = read_release(folder)
+    clf = load_classifier(str(folder / MODEL_FILE), list(man["classes"]), None)
+    clf.source = f"release:{man.get('name')}/{man.get('model')} ({folder})"
+    clf.version = str(man["registered_version"]) if man.get("registered_version") else None
+    clf.tta = man.get("tta") or "none"
+    clf.exported_at, clf.commit = man.get("exported_at"), man.get("git_commit")
+    return clf
+
+
+def load_classifier(ref: str, classes: list[str], mlflow: MlflowParams | None) -> Classifier:
     """Load a local .keras file, a local MLflow model folder, or an MLflow model URI.
 
     Every problem with `ref` (missing, unreadable, unknown to the registry, not a 48x48 face
@@ -447,15 +524,15 @@ def classify_file(clf: Classifier, path: Path, detect: bool = True,
 def predict_files(paths: list[str | Path], model: str | None, classes: list[str],
                   registry: RegistryParams, mlflow: MlflowParams, detect: bool = True,
                   annotate_out: str | Path | None = None, limits: PredictParams | None = None,
-                  on_result: Callable[[dict[str, Any], int, int], None] | None = None
-                  ) -> dict[str, Any]:
+                  on_result: Callable[[dict[str, Any], int, int], None] | None = None,
+                  tta: str | None = None) -> dict[str, Any]:
     """Classify faces in every file (folders: recursively): {"model", "classes", "results"}.
 
     model=None loads the registry's champion. Raises FerError only when the model cannot be
     loaded; a file's own problem is in its result. `on_result(result, done, total)` sees each
     result as it is made (streamed output, progress).
     """
-    clf = load_classifier(model or default_model_uri(registry), classes, mlflow)
+    clf = resolve_classifier(model, classes, registry, mlflow, limits, tta)
     files, notes = expand_paths(paths)
     total = len(files) + len(notes)
     results = []
@@ -463,7 +540,8 @@ def predict_files(paths: list[str | Path], model: str | None, classes: list[str]
         results.append(r)
         if on_result:
             on_result(r, len(results), total)
-    return {"model": clf.source, "classes": clf.classes, "results": results}
+    return {"model": clf.source, "version": clf.version, "tta": clf.tta, "classes": clf.classes,
+            "results": results}
 
 
 class Progress:

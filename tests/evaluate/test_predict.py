@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import yaml
 
 from fer_pipeline import params as P
 from fer_pipeline.cli import main
@@ -111,6 +112,9 @@ def test_predict_by_registry_alias(trained_project, eval_params, run_evaluate, p
 def test_missing_registry_or_alias_is_a_clear_error(trained_project, eval_params, photo, capsys):
     root, _ = trained_project
     params = eval_params(root, ["small"], "fer-emotion-never-registered")
+    raw = yaml.safe_load(params.read_text())
+    raw["predict"] = {"release_dir": str(root / "no-release")}    # nothing to fall back to
+    params.write_text(yaml.safe_dump(raw))
     with pytest.raises(FerError, match=r"fer-emotion-never-registered.*dvc repro evaluate"):
         _predict([photo], params=P.load(params))
     assert main(["--params", str(params), "predict", "--model", "models:/fer-emotion-life@nosuch",

@@ -14,6 +14,7 @@ import numpy as np
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from fer_pipeline.arrays import TEST_FLAGS
+from fer_pipeline.tta import views as tta_views
 
 
 @dataclass
@@ -33,32 +34,15 @@ def predict_proba(model: Any, x: np.ndarray, batch_size: int = 256, tta: str = "
     size.
     """
     xf = np.asarray(x, dtype=np.float32)
+    all_views = tta_views(xf, tta)          # raises on an unknown mode, before any work
     t0 = time.perf_counter()
     probs = np.asarray(model.predict(xf, batch_size=batch_size, verbose=0), dtype=np.float32)
     seconds = time.perf_counter() - t0
-    if tta in ("flip", "flip_crops"):
-        views = [xf[:, :, ::-1, :]]
-        if tta == "flip_crops":
-            views += [v for shifted in _shifted(xf) for v in (shifted, shifted[:, :, ::-1, :])]
-        for view in views:
-            probs = probs + np.asarray(model.predict(np.ascontiguousarray(view),
-                                                     batch_size=batch_size, verbose=0),
-                                       dtype=np.float32)
-        probs = probs / (1 + len(views))
-    elif tta != "none":
-        raise ValueError(f"unknown tta mode {tta!r} (none | flip | flip_crops)")
+    for view in all_views[1:]:
+        probs = probs + np.asarray(model.predict(view, batch_size=batch_size, verbose=0),
+                                   dtype=np.float32)
+    probs = probs / len(all_views)
     return Prediction(probs, seconds, len(xf) / max(seconds, 1e-9))
-
-
-SHIFT = 2
-
-
-def _shifted(x: np.ndarray) -> list[np.ndarray]:
-    """Four copies of x (N, H, W, C) shifted by SHIFT px left/right/up/down, edges repeated."""
-    s, h, w = SHIFT, x.shape[1], x.shape[2]
-    pad = np.pad(x, ((0, 0), (s, s), (s, s), (0, 0)), mode="edge")
-    return [pad[:, s + dy:s + dy + h, s + dx:s + dx + w, :]
-            for dy, dx in ((0, s), (0, -s), (s, 0), (-s, 0))]
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:

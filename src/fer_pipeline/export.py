@@ -1,0 +1,219 @@
+"""`fer export`: the evaluated champion as a release bundle committed in git (release/).
+
+Its own job (like registry promotion in peers), not part of the evaluate stage: editing it
+never reruns `dvc repro evaluate`.
+
+Reads only what the pipeline left (reports/evaluate, reports/train, models/, reports/clean,
+reports/split) and params; writes `release/` whole or not at all (staged folder). The model is
+re-saved without optimizer state. See fer_pipeline.release for the layout and who reads it.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import logging
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fer_pipeline.errors import FerError, MissingInputError
+from fer_pipeline.io import md5_file, staged_dir, write_json, write_text
+from fer_pipeline.params import EvaluateParams, ModelParams, RegistryParams, TrainParams
+from fer_pipeline.release import MANIFEST, MODEL_FILE
+from fer_pipeline.tracking import data_hashes, git_commit
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("val_accuracy", "test_accuracy", "test_accuracy_public", "test_accuracy_private",
+               "test_accuracy_clean", "test_macro_f1", "test_weighted_f1", "test_top2_accuracy",
+               "test_n", "test_n_clean", "images_per_second")
+
+
+def _json(path: Path, hint: str) -> Any:
+    if not path.is_file():
+        raise MissingInputError(f"{path} not found: {hint}")
+    return json.loads(path.read_text())
+
+
+def champion_name(evaluate: EvaluateParams) -> str:
+    """The model the registry's champion alias points at, as the last evaluate recorded it."""
+    info = _json(Path(evaluate.reports_dir) / "champion.json", "run `dvc repro evaluate` first")
+    registry = info.get("registry") or {}
+    if info.get("decision") in ("kept", "not_asked"):
+        before = registry.get("champion_before") or {}
+        if before.get("model"):
+            return str(before["model"])
+    if not info.get("champion"):
+        raise FerError("the last evaluate chose no champion (reports/evaluate/champion.json)")
+    return str(info["champion"])
+
+
+def export_release(models: dict[str, ModelParams], train: TrainParams, evaluate: EvaluateParams,
+                   registry: RegistryParams, out_dir: str | Path = "release",
+                   name: str | None = None, root: str | Path = ".") -> Path:
+    """Write the bundle; `root` is the project (its reports/clean and reports/split describe the
+    data in the model card)."""
+    import keras
+
+    name = name or champion_name(evaluate)
+    if name not in models:
+        raise FerError(f"no models.{name} in params (have: {', '.join(models)})")
+    ev = Path(evaluate.reports_dir)
+    metrics_all = _json(ev / "metrics.json", "run `dvc repro evaluate` first")
+    if name not in metrics_all:
+        raise FerError(f"{name} is not in {ev / 'metrics.json'}: evaluate it first "
+                       f"(`fer evaluate --model {name}`)")
+    m = metrics_all[name]
+    if m.get("stale"):
+        raise FerError(f"{name} was validated on other data than {evaluate.val_path} (stale): "
+                       f"retrain it (`dvc repro train@{name}`) before releasing it")
+    model_path = Path(train.models_dir) / name / "model.keras"
+    if not model_path.is_file():
+        raise MissingInputError(f"{model_path} not found: `dvc pull` or `dvc repro train@{name}`")
+    champ = json.loads((ev / "champion.json").read_text())
+    version = (champ.get("registry") or {}).get("version") if champ.get("champion") == name \
+        else ((champ.get("registry") or {}).get("champion_before") or {}).get("version")
+    train_metrics = _json(Path(train.reports_dir) / name / "metrics.json",
+                          f"run `dvc repro train@{name}`")
+    classes = _classes(ev, name, metrics_all)
+
+    out = Path(out_dir)
+    with staged_dir(out) as work:
+        model = keras.saving.load_model(model_path, compile=False)
+        model.save(work / MODEL_FILE)            # no optimizer state: smaller, inference only
+        cm = _confusion(ev / "confusion" / f"{name}.csv", classes)
+        manifest = {
+            "name": registry.model_name, "model": name, "arch": models[name].arch,
+            "registered_version": version, "exported_at": dt.datetime.now(dt.UTC).isoformat(
+                timespec="seconds"),
+            "git_commit": git_commit(), "keras": keras.__version__,
+            "classes": classes,
+            "input": {"shape": [None, 48, 48, 1], "dtype": "float32",
+                      "pixels": "raw grayscale 0..255 (scaling is inside the model)",
+                      "faces": "OpenCV Haar frontal-face cascade; each box cropped, resized to "
+                               "48x48 (INTER_AREA down, INTER_CUBIC up)"},
+            "tta": evaluate.tta,
+            "metrics": {k: m.get(k) for k in METRIC_KEYS if k in m},
+            "per_class": m.get("per_class"),
+            "training": {k: train_metrics.get(k) for k in ("epochs_run", "best_epoch",
+                                                           "train_seconds", "trainable_params")},
+            "data_md5": data_hashes([evaluate.val_path, evaluate.test_path]),
+            "data_md5_train": train_metrics.get("data_md5_train"),
+            "recipe": asdict(models[name]),
+            "trainable_params": int(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
+            "model_md5": md5_file(work / MODEL_FILE),
+            "model_bytes": (work / MODEL_FILE).stat().st_size,
+        }
+        write_json(work / MANIFEST, manifest)
+        png = ev / "images" / f"{name}_confusion_normalized.png"
+        if png.is_file():
+            shutil.copyfile(png, work / "confusion.png")
+        write_text(work / "MODEL_CARD.md", model_card(manifest, cm, _data_notes(Path(root))))
+    log.info("released %s (v%s) to %s: %s, %.1f MB", name, version, out, MODEL_FILE,
+             manifest["model_bytes"] / 1e6)
+    return out
+
+
+def _classes(ev: Path, name: str, metrics_all: dict[str, Any]) -> list[str]:
+    per_class = metrics_all[name].get("per_class") or {}
+    if not per_class:
+        raise FerError(f"{ev / 'metrics.json'} has no per-class metrics for {name}")
+    return list(per_class)
+
+
+def _confusion(path: Path, classes: list[str]) -> np.ndarray | None:
+    if not path.is_file():
+        return None
+    idx = {c: k for k, c in enumerate(classes)}
+    cm = np.zeros((len(classes), len(classes)), int)
+    with path.open() as fh:
+        for row in csv.DictReader(fh):
+            cm[idx[row["actual"]], idx[row["predicted"]]] += 1
+    return cm
+
+
+def _data_notes(root: Path) -> dict[str, Any]:
+    notes: dict[str, Any] = {}
+    for key, path in (("clean", "reports/clean/summary.json"), ("split", "reports/split/counts.json")):
+        if (root / path).is_file():
+            notes[key] = json.loads((root / path).read_text())
+    return notes
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * float(v):.1f}%"
+
+
+def model_card(man: dict[str, Any], cm: np.ndarray | None, data: dict[str, Any]) -> str:
+    m, classes = man["metrics"], man["classes"]
+    lines = [
+        f"# Model card: {man['name']} ({man['model']}, {man['arch']})", "",
+        f"Exported {man['exported_at']} from commit `{man['git_commit']}`"
+        + (f", registered version {man['registered_version']}" if man.get("registered_version")
+           else "") + f"; Keras {man['keras']}; {man['trainable_params']:,} parameters; "
+        f"test-time augmentation `{man['tta']}`.", "",
+        "## Intended use",
+        "Research, teaching and prototyping of facial-expression recognition: which of seven "
+        "basic expressions (" + ", ".join(classes) + ") a frontal face shows in a photo. "
+        "Outputs are probabilities over posed-looking expressions, not a reading of anyone's "
+        "feelings.", "",
+        "**Not for**: decisions about people (hiring, policing, insurance, education, health), "
+        "surveillance, or inferring emotions, intent or truthfulness. Expressions differ across "
+        "cultures and individuals; the labels are what annotators saw in a web image.", "",
+        "## Data and its known problems",
+        "FER-2013 (Goodfellow et al., 2013): 35,887 48x48 grayscale faces found by web image "
+        "search, labelled once. Known problems: label noise (human accuracy is about 65%), heavy "
+        "class imbalance (disgust is about 1.5% of the images), non-faces and near-blank images, "
+        "duplicates and pictures shared between train and test, and a web-image population "
+        "skewed in age, ethnicity and photographic style (no demographic labels exist to measure "
+        "it).",
+    ]
+    clean = (data.get("clean") or {}).get("train") or {}
+    if clean:
+        by = clean.get("dropped_by_reason", {})
+        lines.append(f"This pipeline's clean stage dropped {clean.get('dropped', 0):,} of "
+                     f"{clean.get('input', 0):,} training images (test leak "
+                     f"{by.get('test_leak', 0)}, duplicate {by.get('duplicate', 0)}, label "
+                     f"conflict {by.get('label_conflict', 0)}, near-blank {by.get('near_blank', 0)})"
+                     "; the test set stays whole and its flagged images are reported separately.")
+    split = data.get("split") or {}
+    if split.get("train"):
+        lines.append("Training images per class: " + ", ".join(
+            f"{c} {split['train'].get(c, 0):,}" for c in classes) + ".")
+    lines += ["", "## Metrics",
+              "Selected on validation; test read once by evaluate (the 7,178 FER-2013 test "
+              "images, PublicTest + PrivateTest).", "",
+              "| validation | test | PublicTest | PrivateTest | test without flagged images | "
+              "macro F1 | top-2 |", "|---|---|---|---|---|---|---|",
+              "| " + " | ".join(_pct(m.get(k)) for k in (
+                  "val_accuracy", "test_accuracy", "test_accuracy_public", "test_accuracy_private",
+                  "test_accuracy_clean")) + f" | {float(m.get('test_macro_f1', 0)):.3f} | "
+              + _pct(m.get("test_top2_accuracy")) + " |", ""]
+    per_class = man.get("per_class") or {}
+    if per_class:
+        lines += ["| class | precision | recall | F1 | test images |", "|---|---|---|---|---|"]
+        lines += [f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | "
+                  f"{v['support']} |" for c, v in per_class.items()]
+        lines.append("")
+    if cm is not None:
+        rows = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+        lines += ["## Confusion matrix (test, row-normalised: actual -> predicted)", "",
+                  "| actual \\ predicted | " + " | ".join(classes) + " |",
+                  "|---|" + "---|" * len(classes)]
+        lines += [f"| {c} | " + " | ".join(f"{v:.2f}" for v in rows[k]) + " |"
+                  for k, c in enumerate(classes)]
+        lines += ["", "![confusion](confusion.png)", ""]
+    lines += ["## Limits",
+              "- Frontal faces only: the Haar cascade misses profiles, tilted or partly hidden "
+              "faces, and very small faces (under about 1/12 of the image side).",
+              "- 48x48 grayscale input: fine detail and colour are lost; low light, heavy "
+              "shadows, glasses and masks lower accuracy.",
+              "- Weak classes: see the per-class table (disgust and fear are the hardest).",
+              "- Probabilities are not calibrated unless stated; do not read them as certainty.",
+              ""]
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""The released model: a self-describing bundle committed in git (`release/`).
+
+`fer export` writes it from the evaluated champion; `fer predict` and `fer serve` fall back to
+it when no `--model` is given and no tracking store has a champion, so a fresh clone classifies
+photos right after setup. Layout: `model.keras` (weights, preprocessing inside), `model.json`
+(classes in output order, input spec, test-time augmentation, metrics, data hashes, git commit,
+recipe, date, md5 of the model file), `MODEL_CARD.md`, `confusion.png`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fer_pipeline.errors import FerError
+from fer_pipeline.io import md5_file
+
+RELEASE_DIR = Path("release")
+MANIFEST = "model.json"
+MODEL_FILE = "model.keras"
+
+
+def find_release(release_dir: str | Path = RELEASE_DIR, start: str | Path = ".") -> Path | None:
+    """The bundle folder: `release_dir` itself when absolute; else `<dir>/release_dir` for the
+    working directory and each folder above it, then beside this package's source (an editable
+    install run from elsewhere). None when none holds a manifest."""
+    release_dir = Path(release_dir)
+    if release_dir.is_absolute():
+        candidates = [release_dir]
+    else:
+        here = Path(start).resolve()
+        candidates = [d / release_dir for d in (here, *here.parents)]
+        candidates.append(Path(__file__).resolve().parents[2] / release_dir)
+    return next((c for c in candidates if (c / MANIFEST).is_file()), None)
+
+
+def read_release(folder: str | Path) -> dict[str, Any]:
+    """The manifest, checked: the model file is there and is the one exported."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FerError(f"release {folder}: cannot read {MANIFEST}: {exc}") from exc
+    model = folder / MODEL_FILE
+    if not model.is_file():
+        raise FerError(f"release {folder}: {MODEL_FILE} is missing (re-run `fer export`)")
+    if manifest.get("model_md5") and md5_file(model) != manifest["model_md5"]:
+        raise FerError(f"release {folder}: {MODEL_FILE} is not the exported file (md5 differs "
+                       f"from {MANIFEST}); re-run `fer export` or restore it with git")
+    return manifest

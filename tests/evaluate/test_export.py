@@ -1,0 +1,94 @@
+"""`fer export` writes the evaluated champion as a release bundle; without --model and without
+a champion in any tracking store, `fer predict` and `fer serve` use that bundle (a fresh clone)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fer_pipeline.cli import main
+from fer_pipeline.io import md5_file
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+_RELEASED: dict[str, tuple] = {}
+
+
+@pytest.fixture
+def released(trained_project, eval_params, run_evaluate, tmp_path_factory):
+    """The tiny project evaluated (champion `small`), then `fer export` (once per session)."""
+    if "r" not in _RELEASED:
+        root, _ = trained_project
+        params = eval_params(root, ["small", "big"], "fer-emotion-export", tta="flip")
+        run_evaluate(params)
+        out = tmp_path_factory.mktemp("rel") / "release"
+        assert main(["--params", str(params), "export", "--out", str(out)]) == 0
+        _RELEASED["r"] = (root, params, out)
+    return _RELEASED["r"]
+
+
+def test_the_bundle_describes_itself(released):
+    root, _, out = released
+    assert sorted(f.name for f in out.iterdir()) == ["MODEL_CARD.md", "confusion.png",
+                                                     "model.json", "model.keras"]
+    man = json.loads((out / "model.json").read_text())
+    assert man["model"] == "small" and man["name"] == "fer-emotion-export"
+    assert man["classes"][3] == "happy" and man["tta"] == "flip"
+    assert man["input"]["shape"] == [None, 48, 48, 1]
+    assert man["metrics"]["val_accuracy"] == pytest.approx(0.40)
+    assert 0 <= man["metrics"]["test_accuracy"] <= 1 and "test_accuracy_clean" in man["metrics"]
+    assert man["model_md5"] == md5_file(out / "model.keras") and man["git_commit"]
+    assert man["recipe"]["arch"] == "custom_cnn" and man["registered_version"]
+    assert set(man["data_md5"]) == {str(root / "data/val.npz"), str(root / "data/test.npz")}
+    card = (out / "MODEL_CARD.md").read_text()
+    for needle in ("## Intended use", "**Not for**", "label noise", "## Confusion matrix",
+                   "| happy |", "## Limits"):
+        assert needle in card, needle
+
+
+def _no_store_params(tmp_path: Path, out: Path) -> Path:
+    """A fresh clone: no MLflow store at all, the bundle where params say."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "predict": {"release_dir": str(out)}}))
+    return params
+
+
+def test_predict_without_model_or_store_uses_the_release(released, tmp_path):
+    _, _, out = released
+    params = _no_store_params(tmp_path, out)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    crop = str(FIXTURES / "happy_48.jpg")
+    res = subprocess.run([sys.executable, "-m", "fer_pipeline.cli", "--params", str(params),
+                          "predict", crop], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout)
+    assert report["model"].startswith("release:fer-emotion-export/small") and report["tta"] == "flip"
+    assert "using the bundled release" in res.stderr and "no MLflow store" in res.stderr
+    assert not (tmp_path / "mlflow.db").exists()           # asking created no store
+    # The same probabilities as the bundle's model file with the bundle's augmentation.
+    direct = subprocess.run([sys.executable, "-m", "fer_pipeline.cli", "predict", "--model",
+                             str(out / "model.keras"), "--tta", "flip", crop], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)
+    want = json.loads(direct.stdout)["results"][0]["faces"][0]["probabilities"]
+    assert report["results"][0]["faces"][0]["probabilities"] == pytest.approx(want, abs=1e-4)
+
+
+def test_a_tampered_bundle_is_refused(released, tmp_path):
+    import shutil
+
+    _, _, out = released
+    copy = tmp_path / "release"
+    shutil.copytree(out, copy)
+    (copy / "model.keras").write_bytes((copy / "model.keras").read_bytes() + b"\0")
+    params = _no_store_params(tmp_path, copy)
+    assert main(["--params", str(params), "predict", str(FIXTURES / "happy_48.jpg")]) == 1
