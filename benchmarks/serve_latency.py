@@ -1,0 +1,140 @@
+"""Cold start and latency of inference: `fer predict` on one photo, `fer serve` to its first
+answer, then POST /predict latency p50/p95 at 1 and 8 concurrent clients and requests/s; beside
+the `fer` PyPI package (justinshenk/fer) on the same photo when it is importable.
+
+    python benchmarks/serve_latency.py --model release/model.keras [--photo P] [--requests 40]
+        [--fer-package-path DIR]   # a `pip install --no-deps --target DIR fer` (optional)
+
+Results are appended to benchmarks/results.md. Run on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+import cv2
+import httpx
+import numpy as np
+
+FER = [sys.executable, "-m", "fer_pipeline.cli"]
+
+
+def photo(path: Path) -> Path:
+    """A 640x480 photo: the happy test face upscaled to 200x200 on a gray background."""
+    face = cv2.imread(str(common.ROOT / "tests/fixtures/happy_48.jpg"), cv2.IMREAD_GRAYSCALE)
+    canvas = np.full((480, 640), 190, np.uint8)
+    canvas[120:320, 220:420] = cv2.resize(face, (200, 200), interpolation=cv2.INTER_CUBIC)
+    cv2.imwrite(str(path), cv2.cvtColor(canvas, cv2.COLOR_GRAY2BGR))
+    return path
+
+
+def timed(cmd: list[str], env: dict | None = None, repeats: int = 3) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        out.append(time.perf_counter() - t0)
+        if res.returncode != 0:
+            raise SystemExit(f"{cmd} failed:\n{res.stderr[-2000:]}")
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--photo", type=Path, default=None)
+    ap.add_argument("--requests", type=int, default=40, help="per client")
+    ap.add_argument("--fer-package-path", default=None)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="fer-bench-"))
+    img = args.photo or photo(tmp / "photo.jpg")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    lines = [f"- machine: {common.machine()}", f"- model: `{args.model}`, photo: 640x480 JPEG "
+             "with one face (the happy test face upscaled), tta none"]
+
+    import_tf = timed([sys.executable, "-c", "import tensorflow"], env)
+    predict = timed([*FER, "predict", "--model", args.model, "--tta", "none", str(img)], env)
+    lines.append(f"- `fer predict` cold start, one photo (process start to exit; median of 3): "
+                 f"**{statistics.median(predict):.2f} s** (of which `import tensorflow` alone: "
+                 f"{statistics.median(import_tf):.2f} s)")
+    if args.fer_package_path:
+        code = ("import cv2; from fer.fer import FER; d = FER(); "
+                f"print(d.detect_emotions(cv2.imread({str(img)!r})))")
+        fer_env = {**env, "PYTHONPATH": args.fer_package_path}
+        fer_pkg = timed([sys.executable, "-c", code], fer_env)
+        lines.append(f"- `fer` PyPI package (25.10.3, Haar + its bundled CNN), same photo, same "
+                     f"interpreter: **{statistics.median(fer_pkg):.2f} s** (median of 3)")
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    server = subprocess.Popen([*FER, "serve", "--model", args.model, "--tta", "none", "--port",
+                               str(port)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, cwd=tmp)
+    data = img.read_bytes()
+    headers = {"content-type": "image/jpeg"}
+    try:
+        while True:
+            try:
+                r = httpx.post(f"{url}/predict", content=data, headers=headers, timeout=60)
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+            if time.perf_counter() - t0 > 300 or server.poll() is not None:
+                raise SystemExit("fer serve did not answer")
+        first = time.perf_counter() - t0
+        assert r.json()["results"][0]["faces"], r.text
+        lines.append(f"- `fer serve` cold start to its first answer: **{first:.2f} s**")
+        with httpx.Client() as c:
+            for _ in range(3):
+                c.post(f"{url}/predict", content=data, headers=headers)
+
+        def client(n: int) -> list[float]:
+            out = []
+            with httpx.Client(timeout=120) as c:
+                for _ in range(n):
+                    s = time.perf_counter()
+                    assert c.post(f"{url}/predict", content=data, headers=headers).status_code == 200
+                    out.append(time.perf_counter() - s)
+            return out
+
+        lines += ["", "| clients | requests | p50 latency | p95 latency | requests/s |",
+                  "|---|---|---|---|---|"]
+        for clients in (1, 8):
+            t = time.perf_counter()
+            with cf.ThreadPoolExecutor(clients) as ex:
+                lat = [x for f in [ex.submit(client, args.requests) for _ in range(clients)]
+                       for x in f.result()]
+            wall = time.perf_counter() - t
+            lines.append(f"| {clients} | {len(lat)} | {1000 * pct(lat, 50):.0f} ms | "
+                         f"{1000 * pct(lat, 95):.0f} ms | {len(lat) / wall:.1f} |")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    print(common.append_results("inference cold start and service latency", "\n".join(lines)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
