@@ -59,6 +59,20 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
+def _portable_command() -> str:
+    """The command with paths outside the project named only by their file name."""
+    out = []
+    for a in sys.argv[1:]:
+        p = Path(a)
+        if p.is_absolute() or p.exists():
+            try:
+                a = str(p.resolve().relative_to(common.ROOT))
+            except ValueError:
+                a = f"<{p.name}>"
+        out.append(a)
+    return " ".join(["python", "benchmarks/serve_latency.py", *out])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -132,7 +146,8 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    print(common.append_results("inference cold start and service latency", "\n".join(lines)))
+    print(common.append_results("inference cold start and service latency", "\n".join(lines),
+                                command=_portable_command()))
     return 0
 
 
