@@ -136,7 +136,12 @@ def _serve(args: argparse.Namespace) -> int:
     from fer_pipeline.serve import run
 
     clf = resolve_classifier(args.model, p.data.classes, p.registry, p.mlflow, p.predict, args.tta)
-    run(clf, serve, p.predict)
+    card = None
+    if clf.release_dir:
+        from fer_pipeline.release import release_card
+
+        card = release_card(clf.release_dir)
+    run(clf, serve, p.predict, card)
     return 0
 
 

@@ -58,6 +58,7 @@ class Classifier:
     tta: str = "none"            # test-time augmentation (the release's: as it was measured)
     exported_at: str | None = None
     commit: str | None = None
+    release_dir: str | None = None   # set when loaded from a release bundle
 
     def predict(self, faces: np.ndarray) -> np.ndarray:
         from fer_pipeline.tta import views
@@ -143,6 +144,7 @@ def load_release(folder: str | Path) -> Classifier:
     clf.version = str(man["registered_version"]) if man.get("registered_version") else None
     clf.tta = man.get("tta") or "none"
     clf.exported_at, clf.commit = man.get("exported_at"), man.get("git_commit")
+    clf.release_dir = str(folder)
     return clf
 
 

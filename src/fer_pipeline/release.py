@@ -49,3 +49,11 @@ def read_release(folder: str | Path) -> dict[str, Any]:
         raise FerError(f"release {folder}: {MODEL_FILE} is not the exported file (md5 differs "
                        f"from {MANIFEST}); re-run `fer export` or restore it with git")
     return manifest
+
+
+def release_card(folder: str | Path) -> dict[str, Any]:
+    """What `fer serve` answers on GET /model for a release: the manifest and the model card."""
+    folder = Path(folder)
+    card = folder / "MODEL_CARD.md"
+    return {"manifest": read_release(folder),
+            "model_card_markdown": card.read_text() if card.is_file() else None}

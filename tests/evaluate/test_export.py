@@ -92,3 +92,44 @@ def test_a_tampered_bundle_is_refused(released, tmp_path):
     (copy / "model.keras").write_bytes((copy / "model.keras").read_bytes() + b"\0")
     params = _no_store_params(tmp_path, copy)
     assert main(["--params", str(params), "predict", str(FIXTURES / "happy_48.jpg")]) == 1
+
+
+def test_serve_without_model_or_store_answers_from_the_release(released, tmp_path):
+    import signal
+    import time
+
+    import httpx
+
+    _, _, out = released
+    params = _no_store_params(tmp_path, out)
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-m", "fer_pipeline.cli", "--params", str(params),
+                             "serve", "--port", str(port)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                r = httpx.post(f"{url}/predict", content=(FIXTURES / "happy_48.jpg").read_bytes(),
+                               headers={"content-type": "image/jpeg"}, timeout=30)
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.communicate()[0][-3000:]
+                time.sleep(0.5)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"]["source"].startswith("release:fer-emotion-export/small")
+        face = body["results"][0]["faces"][0]
+        assert face["emotion"] in body["model"]["classes"] and "happy" in face["probabilities"]
+        card = httpx.get(f"{url}/model").json()["card"]
+        assert card["manifest"]["model"] == "small"
+        assert "## Intended use" in card["model_card_markdown"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
