@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import common
 import cv2
 import httpx
 import numpy as np
+
+from fer_pipeline.sandbox import free_port
 
 FER = [sys.executable, "-m", "fer_pipeline.cli"]
 
@@ -47,12 +48,6 @@ def timed(cmd: list[str], env: dict | None = None, repeats: int = 3) -> list[flo
         if res.returncode != 0:
             raise SystemExit(f"{cmd} failed:\n{res.stderr[-2000:]}")
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(values: list[float], q: float) -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fer_pipeline.sandbox import tiny_params
+from fer_pipeline.sandbox import free_port, tiny_params
 from fer_pipeline.synthetic import make_raw_tree
 
 # Subprocesses (dvc stages call `fer`) must find this venv's console scripts.
@@ -37,14 +37,6 @@ def params_file(tmp_path: Path, raw_tree: Path) -> Path:
 
 
 # ---- training: a real MLflow tracking server (tests/train) ----
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1:<free port>, SQLite store + artifacts in a temp dir.
@@ -56,7 +48,7 @@ def mlflow_server(tmp_path_factory):
     import urllib.request
 
     d = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
+    port = free_port()
     log = (d / "server.log").open("w")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server",

@@ -514,15 +514,6 @@ def iter_predictions(clf: Classifier, files: list[Path], detect: bool = True,
         yield from classify_prepared(clf, chunk, targets)
 
 
-def classify_file(clf: Classifier, path: Path, detect: bool = True,
-                  annotate_to: Path | None = None,
-                  limits: PredictParams | None = None) -> dict[str, Any]:
-    """Result dict for one file; its problems become {"ok": false, "error": ...}."""
-    prep = _prepare(path, detect, limits or PredictParams())
-    probs = clf.predict(prep.crops) if prep.crops is not None else None
-    return _finish(prep, probs, clf.classes, annotate_to)
-
-
 def predict_files(paths: list[str | Path], model: str | None, classes: list[str],
                   registry: RegistryParams, mlflow: MlflowParams, detect: bool = True,
                   annotate_out: str | Path | None = None, limits: PredictParams | None = None,

@@ -24,6 +24,15 @@ TINY_CNN = {"epochs": 1, "batch_size": 16, "width": 0.125, "conv_filters": [32, 
             "dense_units": [64], "early_stopping_patience": 1}
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (servers started by tests and benchmarks)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def sh(*cmd: str, cwd: Path) -> str:
     env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)

@@ -14,6 +14,7 @@ import yaml
 
 from fer_pipeline.cli import main
 from fer_pipeline.io import md5_file
+from fer_pipeline.sandbox import free_port
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -102,11 +103,7 @@ def test_serve_without_model_or_store_answers_from_the_release(released, tmp_pat
 
     _, _, out = released
     params = _no_store_params(tmp_path, out)
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.Popen([sys.executable, "-m", "fer_pipeline.cli", "--params", str(params),
                              "serve", "--port", str(port)], cwd=tmp_path, env=env,

@@ -19,17 +19,10 @@ import pytest
 from PIL import Image
 
 from fer_pipeline import params as P
+from fer_pipeline.sandbox import free_port
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CLASSES = P.Params().data.classes
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _photo_bytes() -> bytes:
@@ -45,7 +38,7 @@ def server(trained_project, tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
     (d / "params.yaml").write_text("serve:\n  max_request_mb: 2\n  max_images: 4\n"
                                    "predict:\n  max_pixels: 4000000\n")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     log = (d / "serve.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "fer_pipeline.cli", "serve", "--model",
