@@ -5,7 +5,10 @@ never reruns `dvc repro evaluate`.
 
 Reads only what the pipeline left (reports/evaluate, reports/train, models/, reports/clean,
 reports/split) and params; writes `release/` whole or not at all (staged folder). The model is
-re-saved without optimizer state. See fer_pipeline.release for the layout and who reads it.
+re-saved without optimizer state, and exported to ONNX (`keras.Model.export(format="onnx")`)
+for inference without TensorFlow; the ONNX file is checked against the Keras model on every
+test image (top-1 must agree, probabilities within ONNX_TOLERANCE) or the export fails.
+See fer_pipeline.release for the layout and who reads it.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ import numpy as np
 from fer_pipeline.errors import FerError, MissingInputError
 from fer_pipeline.io import md5_file, staged_dir, write_json, write_text
 from fer_pipeline.params import EvaluateParams, ModelParams, RegistryParams, TrainParams
-from fer_pipeline.release import MANIFEST, MODEL_FILE
+from fer_pipeline.release import MANIFEST, MODEL_FILE, ONNX_FILE
 from fer_pipeline.tracking import data_hashes, git_commit
 
 log = logging.getLogger(__name__)
+ONNX_TOLERANCE = 1e-4      # max |p_onnx - p_keras| over the test set (float32 reorderings: ~1e-6)
+ONNX_OPSET = 17
 
 METRIC_KEYS = ("val_accuracy", "test_accuracy", "test_accuracy_public", "test_accuracy_private",
                "test_accuracy_clean", "test_macro_f1", "test_weighted_f1", "test_top2_accuracy",
@@ -86,6 +91,7 @@ def export_release(models: dict[str, ModelParams], train: TrainParams, evaluate:
     with staged_dir(out) as work:
         model = keras.saving.load_model(model_path, compile=False)
         model.save(work / MODEL_FILE)            # no optimizer state: smaller, inference only
+        onnx = export_onnx(model, work / ONNX_FILE, Path(evaluate.test_path))
         cm = _confusion(ev / "confusion" / f"{name}.csv", classes)
         manifest = {
             "name": registry.model_name, "model": name, "arch": models[name].arch,
@@ -108,6 +114,7 @@ def export_release(models: dict[str, ModelParams], train: TrainParams, evaluate:
             "trainable_params": int(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
             "model_md5": md5_file(work / MODEL_FILE),
             "model_bytes": (work / MODEL_FILE).stat().st_size,
+            "onnx": onnx,
         }
         write_json(work / MANIFEST, manifest)
         png = ev / "images" / f"{name}_confusion_normalized.png"
@@ -117,6 +124,44 @@ def export_release(models: dict[str, ModelParams], train: TrainParams, evaluate:
     log.info("released %s (v%s) to %s: %s, %.1f MB", name, version, out, MODEL_FILE,
              manifest["model_bytes"] / 1e6)
     return out
+
+
+def export_onnx(model: Any, path: Path, check_data: Path, batch: int = 512) -> dict[str, Any]:
+    """`model` as ONNX at `path`, checked on every image of `check_data` (a split's .npz):
+    the same top-1 class and probabilities within ONNX_TOLERANCE, else a FerError."""
+    import contextlib
+    import io
+
+    import onnxruntime as ort
+
+    from fer_pipeline.arrays import load_split
+
+    model(np.zeros((1, *model.input_shape[1:]), np.float32))  # a loaded model must be called once
+    with contextlib.redirect_stdout(io.StringIO()):      # tf2onnx/Keras print while exporting
+        model.export(str(path), format="onnx", verbose=False, opset_version=ONNX_OPSET)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    x = load_split(check_data).x
+    agree, worst = 0, 0.0
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch].astype(np.float32)
+        want = np.asarray(model.predict(xb, verbose=0), np.float32)
+        got = sess.run(None, {name: xb})[0]
+        agree += int((want.argmax(1) == got.argmax(1)).sum())
+        worst = max(worst, float(np.abs(want - got).max()))
+    check = {"data": str(check_data), "images": int(len(x)), "top1_agreement": agree / max(len(x), 1),
+             "max_abs_diff": worst, "tolerance": ONNX_TOLERANCE}
+    if agree != len(x) or worst > ONNX_TOLERANCE:
+        raise FerError(f"ONNX export of the model disagrees with Keras on {check_data}: "
+                       f"{len(x) - agree} of {len(x)} top-1 differ, max |diff| {worst:.2e} "
+                       f"(tolerance {ONNX_TOLERANCE}); release not written")
+    log.info("ONNX export checked on %d test images: top-1 identical, max |diff| %.1e",
+             len(x), worst)
+    return {"file": ONNX_FILE, "opset": ONNX_OPSET, "md5": md5_file(path),
+            "bytes": path.stat().st_size, "runtime": f"onnxruntime {ort.__version__}",
+            "check": check}
 
 
 def _classes(ev: Path, name: str, metrics_all: dict[str, Any]) -> list[str]:

@@ -28,6 +28,7 @@ ARCHS = ("custom_cnn", "vgg16", "resnet50", "fernet")
 TRANSFER_ARCHS = ("vgg16", "resnet50")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 TTA_MODES = ("none", "flip", "flip_crops")
+RUNTIMES = ("auto", "onnx", "keras")   # predict.runtime
 
 
 def _choice(name: str, value: Any, allowed: Iterable[str]) -> None:
@@ -222,6 +223,11 @@ class PredictParams:
     batch_files: int = 32                # files whose faces go to the model in one call
     release_dir: str = "release"         # the bundled model (fer export); used without --model
                                          # when no tracking store has a champion
+    runtime: str = "auto"                # release model: auto (onnx if bundled and onnxruntime
+                                         # is installed, else keras) | onnx | keras
+
+    def __post_init__(self) -> None:
+        _choice("predict.runtime", self.runtime, RUNTIMES)
 
 
 @dataclass(frozen=True)

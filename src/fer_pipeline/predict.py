@@ -53,7 +53,7 @@ class Classifier:
     model: Any
     classes: list[str]
     source: str
-    kind: str   # keras | pyfunc
+    kind: str   # keras | onnx (ONNX Runtime session) | pyfunc
     version: str | None = None   # the registered version, when loaded from the registry
     tta: str = "none"            # test-time augmentation (the release's: as it was measured)
     exported_at: str | None = None
@@ -67,8 +67,12 @@ class Classifier:
         all_views = views(x, self.tta)
         total = None
         for view in all_views:
-            out = self.model.predict(view, verbose=0) if self.kind == "keras" \
-                else self.model.predict(view)
+            if self.kind == "onnx":
+                out = self.model.run(None, {self.model.get_inputs()[0].name: view})[0]
+            elif self.kind == "keras":
+                out = self.model.predict(view, verbose=0)
+            else:
+                out = self.model.predict(view)
             probs = np.asarray(getattr(out, "values", out), dtype=np.float32)
             total = probs if total is None else total + probs
         return total / len(all_views)
@@ -101,8 +105,8 @@ def resolve_classifier(model: str | None, classes: list[str], registry: Registry
                                f"({limits.release_dir}/model.json). Train and evaluate "
                                f"(`dvc repro evaluate`), or pass --model "
                                f"models/<name>/model.keras.")
-            clf = load_release(folder)
-            print(f"fer: {missing}: using the bundled release {clf.source} (exported "
+            clf = load_release(folder, limits.runtime)
+            print(f"fer: {missing}: using the bundled release {clf.source} in {folder} (exported "
                   f"{clf.exported_at}, commit {clf.commit})", file=sys.stderr)
     if tta:
         clf.tta = tta
@@ -133,14 +137,23 @@ def champion_missing(registry: RegistryParams, mlflow: MlflowParams) -> str | No
     return None
 
 
-def load_release(folder: str | Path) -> Classifier:
-    """The bundle `fer export` wrote: its classes and test-time augmentation, checked."""
-    from fer_pipeline.release import MODEL_FILE, read_release
+def load_release(folder: str | Path, runtime: str = "auto") -> Classifier:
+    """The bundle `fer export` wrote: its classes and test-time augmentation, checked.
+    runtime "auto" takes model.onnx with ONNX Runtime when both are there (no TensorFlow
+    import: the cold start is a quarter), else model.keras."""
+    from fer_pipeline.release import MODEL_FILE, ONNX_FILE, read_release
 
     folder = Path(folder)
     man = read_release(folder)
-    clf = load_classifier(str(folder / MODEL_FILE), list(man["classes"]), None)
-    clf.source = f"release:{man.get('name')}/{man.get('model')} ({folder})"
+    use_onnx = runtime == "onnx" or (runtime == "auto" and (folder / ONNX_FILE).is_file()
+                                     and _onnxruntime_available())
+    if use_onnx and not (folder / ONNX_FILE).is_file():
+        raise FerError(f"release {folder} has no {ONNX_FILE} (predict.runtime: onnx); re-run "
+                       f"`fer export`, or set predict.runtime to auto or keras")
+    model_file = folder / (ONNX_FILE if use_onnx else MODEL_FILE)
+    clf = load_classifier(str(model_file), list(man["classes"]), None)
+    # No local path in what answers show (JSON, the web page): name, model and runtime file.
+    clf.source = f"release:{man.get('name')}/{man.get('model')} ({model_file.name})"
     clf.version = str(man["registered_version"]) if man.get("registered_version") else None
     clf.tta = man.get("tta") or "none"
     clf.exported_at, clf.commit = man.get("exported_at"), man.get("git_commit")
@@ -155,6 +168,9 @@ def load_classifier(ref: str, classes: list[str], mlflow: MlflowParams | None) -
     classifier for `classes`) is a FerError: one line, before any image is read.
     """
     path = Path(ref)
+    if path.suffix == ".onnx":
+        return _checked(Classifier(_onnx_session(path), list(classes), str(path), "onnx"),
+                        _onnx_errors())
     if path.suffix in (".keras", ".h5") or path.is_file():
         if not path.is_file():
             raise FerError(f"model file not found: {path} (train it: `dvc repro train`)")
@@ -197,6 +213,37 @@ def load_classifier(ref: str, classes: list[str], mlflow: MlflowParams | None) -
     return _checked(Classifier(model, classes, ref, "pyfunc",
                                str(registered.version) if registered else None),
                     (ValueError, MlflowException))
+
+
+def _onnxruntime_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def _onnx_session(path: Path) -> Any:
+    if not path.is_file():
+        raise FerError(f"model file not found: {path} (write it with `fer export`)")
+    if not _onnxruntime_available():
+        raise FerError(f"{path} needs ONNX Runtime: `pip install onnxruntime`, or use the "
+                       f"model.keras beside it (predict.runtime: keras)")
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3          # errors only: no graph-optimizer chatter on stderr
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except _onnx_errors() as exc:
+        first = (str(exc).strip().splitlines() or ["unknown error"])[0]
+        raise FerError(f"cannot load ONNX model {path}: {first}") from exc
+
+
+def _onnx_errors() -> tuple[type[Exception], ...]:
+    """What ONNX Runtime raises for a file or an input it cannot use."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return (state.Fail, state.InvalidArgument, state.InvalidGraph, state.InvalidProtobuf,
+            state.NoSuchFile, state.NotImplemented, state.RuntimeException, ValueError)
 
 
 def _checked(clf: Classifier, errors: tuple[type[Exception], ...]) -> Classifier:

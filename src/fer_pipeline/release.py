@@ -2,9 +2,11 @@
 
 `fer export` writes it from the evaluated champion; `fer predict` and `fer serve` fall back to
 it when no `--model` is given and no tracking store has a champion, so a fresh clone classifies
-photos right after setup. Layout: `model.keras` (weights, preprocessing inside), `model.json`
-(classes in output order, input spec, test-time augmentation, metrics, data hashes, git commit,
-recipe, date, md5 of the model file), `MODEL_CARD.md`, `confusion.png`.
+photos right after setup. Layout: `model.keras` (weights, preprocessing inside), `model.onnx`
+(the same network for ONNX Runtime: inference without importing TensorFlow, checked against the
+Keras model on the test set at export), `model.json` (classes in output order, input spec,
+test-time augmentation, metrics, data hashes, git commit, recipe, date, md5 of each model
+file), `MODEL_CARD.md`, `confusion.png`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fer_pipeline.io import md5_file
 RELEASE_DIR = Path("release")
 MANIFEST = "model.json"
 MODEL_FILE = "model.keras"
+ONNX_FILE = "model.onnx"
 
 
 def find_release(release_dir: str | Path = RELEASE_DIR, start: str | Path = ".") -> Path | None:
@@ -47,6 +50,10 @@ def read_release(folder: str | Path) -> dict[str, Any]:
         raise FerError(f"release {folder}: {MODEL_FILE} is missing (re-run `fer export`)")
     if manifest.get("model_md5") and md5_file(model) != manifest["model_md5"]:
         raise FerError(f"release {folder}: {MODEL_FILE} is not the exported file (md5 differs "
+                       f"from {MANIFEST}); re-run `fer export` or restore it with git")
+    onnx = manifest.get("onnx") or {}
+    if onnx and (folder / ONNX_FILE).is_file() and md5_file(folder / ONNX_FILE) != onnx.get("md5"):
+        raise FerError(f"release {folder}: {ONNX_FILE} is not the exported file (md5 differs "
                        f"from {MANIFEST}); re-run `fer export` or restore it with git")
     return manifest
 

@@ -38,7 +38,7 @@ def released(trained_project, eval_params, run_evaluate, tmp_path_factory):
 def test_the_bundle_describes_itself(released):
     root, _, out = released
     assert sorted(f.name for f in out.iterdir()) == ["MODEL_CARD.md", "confusion.png",
-                                                     "model.json", "model.keras"]
+                                                     "model.json", "model.keras", "model.onnx"]
     man = json.loads((out / "model.json").read_text())
     assert man["model"] == "small" and man["name"] == "fer-emotion-export"
     assert man["classes"][3] == "happy" and man["tta"] == "flip"
@@ -47,6 +47,9 @@ def test_the_bundle_describes_itself(released):
     assert 0 <= man["metrics"]["test_accuracy"] <= 1 and "test_accuracy_clean" in man["metrics"]
     assert man["model_md5"] == md5_file(out / "model.keras") and man["git_commit"]
     assert man["recipe"]["arch"] == "custom_cnn" and man["registered_version"]
+    onnx = man["onnx"]        # checked against Keras on every test image at export
+    assert onnx["md5"] == md5_file(out / "model.onnx") and onnx["check"]["top1_agreement"] == 1.0
+    assert onnx["check"]["images"] == 70 and onnx["check"]["max_abs_diff"] <= 1e-4
     assert set(man["data_md5"]) == {str(root / "data/val.npz"), str(root / "data/test.npz")}
     card = (out / "MODEL_CARD.md").read_text()
     for needle in ("## Intended use", "**Not for**", "label noise", "## Confusion matrix",
@@ -73,7 +76,8 @@ def test_predict_without_model_or_store_uses_the_release(released, tmp_path):
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout)
-    assert report["model"].startswith("release:fer-emotion-export/small") and report["tta"] == "flip"
+    assert report["model"] == "release:fer-emotion-export/small (model.onnx)"
+    assert report["tta"] == "flip" and str(tmp_path.parent) not in res.stdout   # no local paths
     assert "using the bundled release" in res.stderr and "no MLflow store" in res.stderr
     assert not (tmp_path / "mlflow.db").exists()           # asking created no store
     # The same probabilities as the bundle's model file with the bundle's augmentation.
@@ -82,6 +86,45 @@ def test_predict_without_model_or_store_uses_the_release(released, tmp_path):
                             env=env, capture_output=True, text=True, timeout=300)
     want = json.loads(direct.stdout)["results"][0]["faces"][0]["probabilities"]
     assert report["results"][0]["faces"][0]["probabilities"] == pytest.approx(want, abs=1e-4)
+
+
+_PREDICT_AND_LIST_MODULES = """
+import json, sys
+from fer_pipeline.cli import main
+rc = main(sys.argv[1:])
+heavy = sorted(m for m in ("tensorflow", "keras", "mlflow", "jax", "torch") if m in sys.modules)
+print(json.dumps({"rc": rc, "heavy_imports": heavy}), file=sys.stderr)
+"""
+
+
+def test_the_release_runs_on_onnx_runtime_without_importing_tensorflow(released, tmp_path):
+    """predict.runtime auto takes the bundle's model.onnx: the same answers as its model.keras,
+    and neither TensorFlow, Keras nor MLflow is imported (the slow part of a cold start)."""
+    _, _, out = released
+    params = _no_store_params(tmp_path, out)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    crop = str(FIXTURES / "happy_48.jpg")
+
+    def run(runtime: str) -> tuple[dict, dict]:
+        p = yaml.safe_load(params.read_text())
+        p["predict"]["runtime"] = runtime
+        path = tmp_path / f"params-{runtime}.yaml"
+        path.write_text(yaml.safe_dump(p))
+        res = subprocess.run([sys.executable, "-c", _PREDICT_AND_LIST_MODULES, "--params",
+                              str(path), "predict", crop], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+        info = json.loads(res.stderr.strip().splitlines()[-1])
+        assert info["rc"] == 0, res.stderr[-3000:]
+        return json.loads(res.stdout), info
+
+    onnx, onnx_info = run("auto")
+    keras_, keras_info = run("keras")
+    assert onnx["model"] == "release:fer-emotion-export/small (model.onnx)"
+    assert keras_["model"] == "release:fer-emotion-export/small (model.keras)"
+    assert onnx_info["heavy_imports"] == [] and "keras" in keras_info["heavy_imports"]
+    face, want = onnx["results"][0]["faces"][0], keras_["results"][0]["faces"][0]
+    assert face["emotion"] == want["emotion"]
+    assert face["probabilities"] == pytest.approx(want["probabilities"], abs=1e-4)
 
 
 def test_a_tampered_bundle_is_refused(released, tmp_path):
