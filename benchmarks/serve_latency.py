@@ -2,7 +2,8 @@
 answer, then POST /predict latency p50/p95 at 1 and 8 concurrent clients and requests/s; beside
 the `fer` PyPI package (justinshenk/fer) on the same photo when it is importable.
 
-    python benchmarks/serve_latency.py --model release/model.keras [--photo P] [--requests 40]
+    python benchmarks/serve_latency.py --model release/model.onnx --model release/model.keras
+        [--photo P] [--requests 40]
         [--fer-package-path DIR]   # a `pip install --no-deps --target DIR fer` (optional)
 
 Results are appended to benchmarks/results.md. Run on an otherwise idle machine.
@@ -39,15 +40,21 @@ def photo(path: Path) -> Path:
     return path
 
 
-def timed(cmd: list[str], env: dict | None = None, repeats: int = 3) -> list[float]:
-    out = []
+def timed(cmd: list[str], env: dict | None = None, repeats: int = 3
+          ) -> tuple[list[float], float]:
+    """Wall seconds of each run, and the largest peak resident memory (MB) among them."""
+    out, peak = [], 0.0
     for _ in range(repeats):
         t0 = time.perf_counter()
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
         out.append(time.perf_counter() - t0)
-        if res.returncode != 0:
-            raise SystemExit(f"{cmd} failed:\n{res.stderr[-2000:]}")
-    return out
+        peak = max(peak, usage.ru_maxrss / 1024)        # Linux: KiB
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err = proc.stderr.read().decode(errors="replace")
+        if proc.returncode != 0:
+            raise SystemExit(f"{cmd} failed:\n{err[-2000:]}")
+    return out, peak
 
 
 def pct(values: list[float], q: float) -> float:
@@ -68,40 +75,17 @@ def _portable_command() -> str:
     return " ".join(["python", "benchmarks/serve_latency.py", *out])
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--photo", type=Path, default=None)
-    ap.add_argument("--requests", type=int, default=40, help="per client")
-    ap.add_argument("--fer-package-path", default=None)
-    args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="fer-bench-"))
-    img = args.photo or photo(tmp / "photo.jpg")
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    lines = [f"- machine: {common.machine()}", f"- model: `{args.model}`, photo: 640x480 JPEG "
-             "with one face (the happy test face upscaled), tta none"]
-
-    import_tf = timed([sys.executable, "-c", "import tensorflow"], env)
-    predict = timed([*FER, "predict", "--model", args.model, "--tta", "none", str(img)], env)
-    lines.append(f"- `fer predict` cold start, one photo (process start to exit; median of 3): "
-                 f"**{statistics.median(predict):.2f} s** (of which `import tensorflow` alone: "
-                 f"{statistics.median(import_tf):.2f} s)")
-    if args.fer_package_path:
-        code = ("import cv2; from fer.fer import FER; d = FER(); "
-                f"print(d.detect_emotions(cv2.imread({str(img)!r})))")
-        fer_env = {**env, "PYTHONPATH": args.fer_package_path}
-        fer_pkg = timed([sys.executable, "-c", code], fer_env)
-        lines.append(f"- `fer` PyPI package (25.10.3, Haar + its bundled CNN), same photo, same "
-                     f"interpreter: **{statistics.median(fer_pkg):.2f} s** (median of 3)")
-
+def serve_figures(model: str, img: Path, env: dict, requests: int, cwd: Path) -> dict:
+    """fer serve with `model`: seconds to its first answer, then latency at 1 and 8 clients."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
-    server = subprocess.Popen([*FER, "serve", "--model", args.model, "--tta", "none", "--port",
+    server = subprocess.Popen([*FER, "serve", "--model", model, "--tta", "none", "--port",
                                str(port)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, cwd=tmp)
+                              stderr=subprocess.DEVNULL, cwd=cwd)
     data = img.read_bytes()
     headers = {"content-type": "image/jpeg"}
+    out: dict = {}
     try:
         while True:
             try:
@@ -112,35 +96,67 @@ def main() -> int:
                 time.sleep(0.05)
             if time.perf_counter() - t0 > 300 or server.poll() is not None:
                 raise SystemExit("fer serve did not answer")
-        first = time.perf_counter() - t0
+        out["first"] = time.perf_counter() - t0
         assert r.json()["results"][0]["faces"], r.text
-        lines.append(f"- `fer serve` cold start to its first answer: **{first:.2f} s**")
         with httpx.Client() as c:
             for _ in range(3):
                 c.post(f"{url}/predict", content=data, headers=headers)
 
         def client(n: int) -> list[float]:
-            out = []
+            lat = []
             with httpx.Client(timeout=120) as c:
                 for _ in range(n):
                     s = time.perf_counter()
                     assert c.post(f"{url}/predict", content=data, headers=headers).status_code == 200
-                    out.append(time.perf_counter() - s)
-            return out
+                    lat.append(time.perf_counter() - s)
+            return lat
 
-        lines += ["", "| clients | requests | p50 latency | p95 latency | requests/s |",
-                  "|---|---|---|---|---|"]
         for clients in (1, 8):
             t = time.perf_counter()
             with cf.ThreadPoolExecutor(clients) as ex:
-                lat = [x for f in [ex.submit(client, args.requests) for _ in range(clients)]
+                lat = [x for f in [ex.submit(client, requests) for _ in range(clients)]
                        for x in f.result()]
             wall = time.perf_counter() - t
-            lines.append(f"| {clients} | {len(lat)} | {1000 * pct(lat, 50):.0f} ms | "
-                         f"{1000 * pct(lat, 95):.0f} ms | {len(lat) / wall:.1f} |")
+            out[clients] = (1000 * pct(lat, 50), 1000 * pct(lat, 95), len(lat) / wall)
     finally:
         server.terminate()
         server.wait(timeout=30)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", action="append", required=True,
+                    help="a model file (.keras or .onnx); repeat to compare")
+    ap.add_argument("--photo", type=Path, default=None)
+    ap.add_argument("--requests", type=int, default=40, help="per client")
+    ap.add_argument("--fer-package-path", default=None)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="fer-bench-"))
+    img = args.photo or photo(tmp / "photo.jpg")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    lines = [f"- machine: {common.machine()}", "- photo: 640x480 JPEG with one face (the happy "
+             "test face upscaled), tta none; cold starts are the median of 3 process runs"]
+    import_tf, _ = timed([sys.executable, "-c", "import tensorflow"], env)
+    lines.append(f"- `import tensorflow` alone: {statistics.median(import_tf):.2f} s")
+    if args.fer_package_path:
+        code = ("import cv2; from fer.fer import FER; d = FER(); "
+                f"print(d.detect_emotions(cv2.imread({str(img)!r})))")
+        fer_env = {**env, "PYTHONPATH": args.fer_package_path}
+        fer_pkg, fer_rss = timed([sys.executable, "-c", code], fer_env)
+        lines.append(f"- `fer` PyPI package (25.10.3, Haar + its bundled CNN), same photo, same "
+                     f"interpreter: **{statistics.median(fer_pkg):.2f} s**, peak memory "
+                     f"{fer_rss:.0f} MB")
+    lines += ["", "| model file | `fer predict` cold start | peak memory | `fer serve` first "
+              "answer | p50 / p95 @1 client | req/s @1 | p50 / p95 @8 clients | req/s @8 |",
+              "|---|---|---|---|---|---|---|---|"]
+    for model in args.model:
+        cold, rss = timed([*FER, "predict", "--model", model, "--tta", "none", str(img)], env)
+        sv = serve_figures(model, img, env, args.requests, tmp)
+        lines.append(f"| `{Path(model).name}` | **{statistics.median(cold):.2f} s** | "
+                     f"{rss:.0f} MB | {sv['first']:.2f} s | {sv[1][0]:.0f} / {sv[1][1]:.0f} ms | "
+                     f"{sv[1][2]:.1f} | {sv[8][0]:.0f} / {sv[8][1]:.0f} ms | {sv[8][2]:.1f} |")
+        print(lines[-1], flush=True)
     print(common.append_results("inference cold start and service latency", "\n".join(lines),
                                 command=_portable_command()))
     return 0

@@ -115,11 +115,18 @@ def export_release(models: dict[str, ModelParams], train: TrainParams, evaluate:
             "model_md5": md5_file(work / MODEL_FILE),
             "model_bytes": (work / MODEL_FILE).stat().st_size,
             "onnx": onnx,
+            "calibration": ({"temperature": m["temperature"], "fitted_on": "validation",
+                             "tta": evaluate.tta, "bins": 15,
+                             **{k: m.get(k) for k in ("test_ece", "test_ece_calibrated",
+                                                      "test_nll", "test_nll_calibrated")}}
+                            if m.get("temperature") else None),
         }
         write_json(work / MANIFEST, manifest)
-        png = ev / "images" / f"{name}_confusion_normalized.png"
-        if png.is_file():
-            shutil.copyfile(png, work / "confusion.png")
+        for kind, dest in (("confusion_normalized", "confusion.png"),
+                           ("reliability", "reliability.png")):
+            png = ev / "images" / f"{name}_{kind}.png"
+            if png.is_file():
+                shutil.copyfile(png, work / dest)
         write_text(work / "MODEL_CARD.md", model_card(manifest, cm, _data_notes(Path(root))))
     log.info("released %s (v%s) to %s: %s, %.1f MB", name, version, out, MODEL_FILE,
              manifest["model_bytes"] / 1e6)
@@ -253,12 +260,25 @@ def model_card(man: dict[str, Any], cm: np.ndarray | None, data: dict[str, Any])
         lines += [f"| {c} | " + " | ".join(f"{v:.2f}" for v in rows[k]) + " |"
                   for k, c in enumerate(classes)]
         lines += ["", "![confusion](confusion.png)", ""]
+    cal = man.get("calibration")
+    if cal:
+        lines += ["## Calibration",
+                  f"Probabilities shown by `fer predict` and `fer serve` are temperature-scaled: "
+                  f"T = {cal['temperature']:.3f}, fitted on the validation split (NLL, "
+                  f"test-time augmentation `{cal['tta']}`). On the test set, expected calibration "
+                  f"error (15 bins) {_pct(cal['test_ece'])} before, "
+                  f"{_pct(cal['test_ece_calibrated'])} after; negative log-likelihood "
+                  f"{cal['test_nll']:.3f} before, {cal['test_nll_calibrated']:.3f} after. Faces "
+                  "whose top probability is below `predict.min_confidence` are flagged uncertain.",
+                  "", "![reliability](reliability.png)", ""]
     lines += ["## Limits",
               "- Frontal faces only: the Haar cascade misses profiles, tilted or partly hidden "
               "faces, and very small faces (under about 1/12 of the image side).",
               "- 48x48 grayscale input: fine detail and colour are lost; low light, heavy "
               "shadows, glasses and masks lower accuracy.",
               "- Weak classes: see the per-class table (disgust and fear are the hardest).",
-              "- Probabilities are not calibrated unless stated; do not read them as certainty.",
+              "- Calibration was measured on FER-2013's test images; on other photos "
+              "(lighting, pose, camera) probabilities can again be over-confident." if cal else
+              "- Probabilities are not calibrated; do not read them as certainty.",
               ""]
     return "\n".join(lines)

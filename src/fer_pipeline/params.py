@@ -197,6 +197,7 @@ class EvaluateParams:
     reports_dir: str = "reports/evaluate"
     batch_size: int = 256                        # inference batch (and the speed measurement)
     tta: str = "flip_crops"                      # none | flip (image + mirror) | flip_crops (10 views)
+    calibrate: bool = True                       # fit a temperature on val; ECE/NLL before/after
 
     def __post_init__(self) -> None:
         _choice("tta", self.tta, TTA_MODES)
@@ -226,8 +227,13 @@ class PredictParams:
     runtime: str = "auto"                # release model: auto (onnx if bundled and onnxruntime
                                          # is installed, else keras) | onnx | keras
 
+    min_confidence: float = 0.4          # a face whose top probability (temperature-scaled) is
+                                         # below this is flagged "uncertain": true
+
     def __post_init__(self) -> None:
         _choice("predict.runtime", self.runtime, RUNTIMES)
+        if not 0.0 <= self.min_confidence < 1.0:
+            raise ParamsError(f"predict.min_confidence must be in [0, 1), got {self.min_confidence}")
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,8 @@ class Classifier:
     exported_at: str | None = None
     commit: str | None = None
     release_dir: str | None = None   # set when loaded from a release bundle
+    temperature: float = 1.0         # fitted on val by evaluate (release, registry tag)
+    min_confidence: float = 0.0      # faces below it (after scaling) are flagged uncertain
 
     def predict(self, faces: np.ndarray) -> np.ndarray:
         from fer_pipeline.tta import views
@@ -75,7 +77,12 @@ class Classifier:
                 out = self.model.predict(view)
             probs = np.asarray(getattr(out, "values", out), dtype=np.float32)
             total = probs if total is None else total + probs
-        return total / len(all_views)
+        mean = total / len(all_views)
+        if self.temperature != 1.0:
+            from fer_pipeline.calibration import apply_temperature
+
+            mean = apply_temperature(mean, self.temperature)
+        return mean
 
 
 def default_model_uri(registry: RegistryParams) -> str:
@@ -110,6 +117,7 @@ def resolve_classifier(model: str | None, classes: list[str], registry: Registry
                   f"{clf.exported_at}, commit {clf.commit})", file=sys.stderr)
     if tta:
         clf.tta = tta
+    clf.min_confidence = limits.min_confidence
     return clf
 
 
@@ -156,6 +164,7 @@ def load_release(folder: str | Path, runtime: str = "auto") -> Classifier:
     clf.source = f"release:{man.get('name')}/{man.get('model')} ({model_file.name})"
     clf.version = str(man["registered_version"]) if man.get("registered_version") else None
     clf.tta = man.get("tta") or "none"
+    clf.temperature = float((man.get("calibration") or {}).get("temperature") or 1.0)
     clf.exported_at, clf.commit = man.get("exported_at"), man.get("git_commit")
     clf.release_dir = str(folder)
     return clf
@@ -210,9 +219,9 @@ def load_classifier(ref: str, classes: list[str], mlflow: MlflowParams | None) -
         raise FerError(_explain_mlflow_error(ref, uri, exc.message)) from exc
     except OSError as exc:
         raise FerError(f"cannot load {ref} from {uri}: {exc}") from exc
-    return _checked(Classifier(model, classes, ref, "pyfunc",
-                               str(registered.version) if registered else None),
-                    (ValueError, MlflowException))
+    clf = Classifier(model, classes, ref, "pyfunc", str(registered.version) if registered else None)
+    clf.temperature = float((registered.tags or {}).get("temperature") or 1.0) if registered else 1.0
+    return _checked(clf, (ValueError, MlflowException))
 
 
 def _onnxruntime_available() -> bool:
@@ -516,12 +525,13 @@ def classify_prepared(clf: Classifier, chunk: list[_Prepared],
         if prep.crops is not None:
             mine = probs[offset:offset + len(prep.crops)]
             offset += len(prep.crops)
-        out.append(_finish(prep, mine, clf.classes, annotate_to[k] if annotate_to else None))
+        out.append(_finish(prep, mine, clf.classes, annotate_to[k] if annotate_to else None,
+                           clf.min_confidence))
     return out
 
 
 def _finish(prep: _Prepared, probs: np.ndarray | None, classes: list[str],
-            annotate_to: Path | None) -> dict[str, Any]:
+            annotate_to: Path | None, min_confidence: float = 0.0) -> dict[str, Any]:
     result = prep.result
     if "error" in result:
         return result
@@ -531,6 +541,7 @@ def _finish(prep: _Prepared, probs: np.ndarray | None, classes: list[str],
         faces.append({
             "box": {"x": b[0], "y": b[1], "w": b[2], "h": b[3]},
             "emotion": classes[k], "confidence": round(float(p[k]), 4),
+            "uncertain": bool(p[k] < min_confidence),
             "probabilities": {c: round(float(v), 4) for c, v in zip(classes, p, strict=True)},
         })
     result["ok"] = True
@@ -580,8 +591,9 @@ def predict_files(paths: list[str | Path], model: str | None, classes: list[str]
         results.append(r)
         if on_result:
             on_result(r, len(results), total)
-    return {"model": clf.source, "version": clf.version, "tta": clf.tta, "classes": clf.classes,
-            "results": results}
+    return {"model": clf.source, "version": clf.version, "tta": clf.tta,
+            "temperature": clf.temperature, "min_confidence": clf.min_confidence,
+            "classes": clf.classes, "results": results}
 
 
 class Progress:

@@ -57,7 +57,9 @@ def create_app(clf: Classifier, serve: ServeParams | None = None,
     serve = serve or ServeParams()
     limits = limits or PredictParams()
     model_lock = threading.Lock()     # one model call at a time (2 cores; TF sessions)
-    model_info = {"source": clf.source, "version": clf.version, "classes": clf.classes}
+    model_info = {"source": clf.source, "version": clf.version, "classes": clf.classes,
+                  "tta": clf.tta, "temperature": clf.temperature,
+                  "min_confidence": clf.min_confidence}
     app = FastAPI(title="fer-pipeline", description=__doc__.splitlines()[0], docs_url="/docs")
 
     @app.exception_handler(RequestError)

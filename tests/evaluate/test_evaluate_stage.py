@@ -31,14 +31,22 @@ def test_evaluate_reports_mlflow_and_registry_lifecycle(eval_params, run_evaluat
     m = metrics["small"]
     for key in ("test_accuracy", "test_macro_f1", "test_weighted_f1", "test_top2_accuracy",
                 "test_accuracy_public", "test_accuracy_private", "test_accuracy_clean",
-                "val_accuracy", "images_per_second", "trainable_params", "epochs_run"):
+                "val_accuracy", "images_per_second", "trainable_params", "epochs_run",
+                "temperature", "test_ece", "test_ece_calibrated", "test_nll",
+                "test_nll_calibrated"):
         assert isinstance(m[key], int | float), key
+    # Temperature fitted on val: it can only lower the NLL it was fitted for on val, and these
+    # tiny models' softmax is far from calibrated, so it moves off 1.
+    assert m["temperature"] != pytest.approx(1.0, abs=1e-3) and 0 <= m["test_ece"] <= 1
     assert m["test_n"] == 70 and m["test_n_clean"] == 63 and m["champion"] is True
     assert metrics["big"]["champion"] is False
     assert set(m["per_class"]["happy"]) == {"precision", "recall", "f1", "support"}
     for name in ("small", "big"):
-        for kind in ("confusion", "confusion_normalized", "curves"):
+        for kind in ("confusion", "confusion_normalized", "curves", "reliability"):
             assert (out / "images" / f"{name}_{kind}.png").stat().st_size > 1000
+        with (out / "coverage" / f"{name}.csv").open() as fh:
+            cov = list(csv.DictReader(fh))
+        assert cov[0]["threshold"] == "0.0" and float(cov[0]["coverage"]) == 1.0
         with (out / "confusion" / f"{name}.csv").open() as fh:
             rows = list(csv.DictReader(fh))
         assert len(rows) == 70 and set(rows[0]) == {"actual", "predicted"}
@@ -53,14 +61,17 @@ def test_evaluate_reports_mlflow_and_registry_lifecycle(eval_params, run_evaluat
     run = client.get_run(infos["small"]["run_id"])
     assert "test_accuracy" in run.data.metrics and "test_f1_happy" in run.data.metrics
     assert "test_accuracy_clean" in run.data.metrics
+    assert run.data.metrics["temperature"] == pytest.approx(m["temperature"])
+    assert "test_ece_calibrated" in run.data.metrics
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/confusion.png", "evaluation/confusion_normalized.png",
-            "evaluation/per_class.json"} <= arts
+            "evaluation/per_class.json", "evaluation/reliability.png"} <= arts
 
     name = "fer-emotion-life"
     champ = client.get_model_version_by_alias(name, "champion")
     assert champ.version == "1" and champ.run_id == infos["small"]["run_id"]
     assert champ.tags["classes"].split(",")[3] == "happy"
+    assert float(champ.tags["temperature"]) == pytest.approx(m["temperature"], rel=1e-5)
 
     # 2. Nothing changed: nothing registered, no alias moved.
     res = run_evaluate(params)

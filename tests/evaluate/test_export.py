@@ -9,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
+from fer_pipeline.calibration import apply_temperature
 from fer_pipeline.cli import main
 from fer_pipeline.io import md5_file
 from fer_pipeline.sandbox import free_port
@@ -38,7 +40,8 @@ def released(trained_project, eval_params, run_evaluate, tmp_path_factory):
 def test_the_bundle_describes_itself(released):
     root, _, out = released
     assert sorted(f.name for f in out.iterdir()) == ["MODEL_CARD.md", "confusion.png",
-                                                     "model.json", "model.keras", "model.onnx"]
+                                                     "model.json", "model.keras", "model.onnx",
+                                                     "reliability.png"]
     man = json.loads((out / "model.json").read_text())
     assert man["model"] == "small" and man["name"] == "fer-emotion-export"
     assert man["classes"][3] == "happy" and man["tta"] == "flip"
@@ -50,10 +53,14 @@ def test_the_bundle_describes_itself(released):
     onnx = man["onnx"]        # checked against Keras on every test image at export
     assert onnx["md5"] == md5_file(out / "model.onnx") and onnx["check"]["top1_agreement"] == 1.0
     assert onnx["check"]["images"] == 70 and onnx["check"]["max_abs_diff"] <= 1e-4
+    metrics = json.loads((root / "reports/evaluate/metrics.json").read_text())["small"]
+    cal = man["calibration"]          # fitted on val by evaluate, shipped with the model
+    assert cal["temperature"] == metrics["temperature"] and cal["fitted_on"] == "validation"
+    assert cal["test_ece_calibrated"] == metrics["test_ece_calibrated"]
     assert set(man["data_md5"]) == {str(root / "data/val.npz"), str(root / "data/test.npz")}
     card = (out / "MODEL_CARD.md").read_text()
     for needle in ("## Intended use", "**Not for**", "label noise", "## Confusion matrix",
-                   "| happy |", "## Limits"):
+                   "| happy |", "## Calibration", "## Limits"):
         assert needle in card, needle
 
 
@@ -84,8 +91,14 @@ def test_predict_without_model_or_store_uses_the_release(released, tmp_path):
     direct = subprocess.run([sys.executable, "-m", "fer_pipeline.cli", "predict", "--model",
                              str(out / "model.keras"), "--tta", "flip", crop], cwd=tmp_path,
                             env=env, capture_output=True, text=True, timeout=300)
-    want = json.loads(direct.stdout)["results"][0]["faces"][0]["probabilities"]
-    assert report["results"][0]["faces"][0]["probabilities"] == pytest.approx(want, abs=1e-4)
+    raw = json.loads(direct.stdout)["results"][0]["faces"][0]["probabilities"]
+    # ... scaled by the bundle's temperature (a bare model file has none: T = 1).
+    t = json.loads((out / "model.json").read_text())["calibration"]["temperature"]
+    assert report["temperature"] == t and json.loads(direct.stdout)["temperature"] == 1.0
+    scaled = apply_temperature(np.array([list(raw.values())]), t)[0]
+    face = report["results"][0]["faces"][0]
+    assert list(face["probabilities"].values()) == pytest.approx(scaled, abs=1e-4)
+    assert face["uncertain"] == (face["confidence"] < report["min_confidence"])
 
 
 _PREDICT_AND_LIST_MODULES = """

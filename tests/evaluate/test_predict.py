@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from fer_pipeline import params as P
+from fer_pipeline.calibration import apply_temperature
 from fer_pipeline.cli import main
 from fer_pipeline.errors import FerError
 from fer_pipeline.predict import detect_faces, predict_files
@@ -103,10 +104,14 @@ def test_predict_by_registry_alias(trained_project, eval_params, run_evaluate, p
     report = _predict([photo, FIXTURES / "surprise_48.jpg"], params=P.load(params))
     assert report["model"] == "models:/fer-emotion-predict@champion"
     assert [len(r["faces"]) for r in report["results"]] == [1, 1]
-    # Same probabilities as the local file of the champion (same weights, pyfunc vs keras).
+    # Same probabilities as the local file of the champion (same weights, pyfunc vs keras),
+    # scaled by the temperature evaluate fitted on val and tagged on the version.
     local = _predict([photo], model=str(root / "models" / "small" / "model.keras"))
-    assert local["results"][0]["faces"][0]["probabilities"] == pytest.approx(
-        report["results"][0]["faces"][0]["probabilities"], abs=1e-3)
+    t = json.loads((root / "reports/evaluate/metrics.json").read_text())["small"]["temperature"]
+    assert report["temperature"] == pytest.approx(t, rel=1e-5) and local["temperature"] == 1.0
+    raw = list(local["results"][0]["faces"][0]["probabilities"].values())
+    assert list(report["results"][0]["faces"][0]["probabilities"].values()) == pytest.approx(
+        apply_temperature(np.array([raw]), t)[0], abs=1e-3)
 
 
 def test_missing_registry_or_alias_is_a_clear_error(trained_project, eval_params, photo, capsys):

@@ -104,6 +104,30 @@ def compute_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str],
     return out
 
 
+@dataclass
+class Calibration:
+    temperature: float
+    metrics: dict[str, float]             # test_ece, test_nll (+ _calibrated), temperature
+    before: list[dict[str, Any]]          # reliability bins on test, raw probabilities
+    after: list[dict[str, Any]]           # the same, temperature-scaled
+    coverage: list[dict[str, Any]]        # threshold -> share kept, accuracy (scaled probs)
+
+
+def calibration_metrics(y_test: np.ndarray, test_probs: np.ndarray, y_val: np.ndarray,
+                        val_probs: np.ndarray) -> Calibration:
+    """Temperature fitted on validation only; ECE (15 bins) and NLL on test before and after."""
+    from fer_pipeline import calibration as C
+
+    t = C.fit_temperature(val_probs, y_val)
+    scaled = C.apply_temperature(test_probs, t)
+    metrics = {"temperature": t, "test_ece": C.ece(test_probs, y_test),
+               "test_ece_calibrated": C.ece(scaled, y_test), "test_nll": C.nll(test_probs, y_test),
+               "test_nll_calibrated": C.nll(scaled, y_test),
+               "val_ece_calibrated": C.ece(C.apply_temperature(val_probs, t), y_val)}
+    return Calibration(t, metrics, C.reliability(test_probs, y_test),
+                       C.reliability(scaled, y_test), C.coverage_curve(scaled, y_test))
+
+
 def flat_mlflow_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """`test_*` numbers and per-class `test_{precision,recall,f1}_<class>` for MLflow."""
     flat = {k: float(v) for k, v in metrics.items()

@@ -31,6 +31,7 @@ COMPARISON_COLUMNS = [
     ("test_accuracy_public", "PublicTest acc"), ("test_accuracy_private", "PrivateTest acc"),
     ("test_accuracy_clean", "clean test acc"), ("test_macro_f1", "macro F1"),
     ("test_weighted_f1", "weighted F1"), ("test_top2_accuracy", "top-2 acc"),
+    ("test_ece", "ECE"), ("test_ece_calibrated", "ECE scaled"), ("temperature", "T"),
     ("images_per_second", "img/s"), ("stale", "stale val data"), ("champion", "champion"),
 ]
 
@@ -61,6 +62,35 @@ def confusion_figure(cm: np.ndarray, classes: list[str], title: str, normalized:
             ax.text(j, i, f"{v:.2f}" if normalized else str(int(v)), ha="center", va="center",
                     fontsize=8, color="white" if v > hi else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def reliability_figure(before: list[dict[str, Any]], after: list[dict[str, Any]] | None,
+                       title: str, ece_before: float, ece_after: float | None):
+    """Reliability diagram: accuracy against confidence per bin (the diagonal is perfect
+    calibration), before and after temperature scaling, with the share of images per bin."""
+    plt = _pyplot()
+    fig, (ax, hx) = plt.subplots(2, 1, figsize=(6, 7), sharex=True,
+                                 gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="perfect")
+    for rows, label, style in ((before, f"softmax (ECE {100 * ece_before:.1f}%)", "o-"),
+                               (after, None if ece_after is None else
+                                f"temperature-scaled (ECE {100 * ece_after:.1f}%)", "s-")):
+        if rows is None or label is None:
+            continue
+        pts = [(r["confidence"], r["accuracy"]) for r in rows if r["count"]]
+        ax.plot([c for c, _ in pts], [a for _, a in pts], style, label=label, markersize=4)
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    n = max(sum(r["count"] for r in before), 1)
+    hx.bar([(r["lo"] + r["hi"]) / 2 for r in before], [r["count"] / n for r in before],
+           width=before[0]["hi"] - before[0]["lo"], color="tab:blue", alpha=0.6)
+    hx.set_xlabel("confidence (top probability, before scaling)")
+    hx.set_ylabel("share")
     fig.tight_layout()
     return fig
 
@@ -106,6 +136,8 @@ def _fmt(key: str, value: Any) -> str:
         return f"{int(value):,}"
     if key in ("train_seconds", "images_per_second"):
         return f"{float(value):,.0f}"
+    if key == "temperature":
+        return f"{float(value):.2f}"
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)

@@ -123,6 +123,7 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
 
     test = load_split(evaluate.test_path)
     classes = test.classes
+    val = load_split(evaluate.val_path) if evaluate.calibrate else None
     import keras
 
     # Every file goes to a staging folder that replaces reports/evaluate only when all is
@@ -143,9 +144,15 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
                 mlflow_info[name] = {**mlflow_info[name], "run_id": run_id, "model_uri": model_uri,
                                      "imported": True}
             pred = M.predict_proba(model, test.x, evaluate.batch_size, evaluate.tta)
+            val_probs = (M.predict_proba(model, val.x, evaluate.batch_size, evaluate.tta).probs
+                         if val is not None else None)
             del model
             keras.backend.clear_session()
             m = M.compute_metrics(test.y, pred.probs, classes, test.origin, test.flags)
+            cal = M.calibration_metrics(test.y, pred.probs, val.y, val_probs) \
+                if val is not None else None
+            if cal is not None:
+                m.update(cal.metrics)
             y_pred = pred.probs.argmax(axis=1)
             cm = M.confusion(test.y, y_pred, len(classes))
             tm = train_metrics[name]
@@ -160,6 +167,10 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
                      "%.0f img/s", name, m["test_accuracy"], _f(m["test_accuracy_public"]),
                      _f(m["test_accuracy_private"]), _f(m["test_accuracy_clean"]), m["test_macro_f1"],
                      m["test_top2_accuracy"], pred.images_per_second)
+            if cal is not None:
+                log.info("%s: calibration on test: ECE %.4f -> %.4f, NLL %.4f -> %.4f with T=%.3f "
+                         "(fitted on val)", name, m["test_ece"], m["test_ece_calibrated"],
+                         m["test_nll"], m["test_nll_calibrated"], cal.temperature)
 
             # Files.
             figs = {
@@ -169,6 +180,12 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
                 "curves": R.curves_figure(train_reports / name / "history.csv",
                                           f"{name}: training curves"),
             }
+            if cal is not None:
+                figs["reliability"] = R.reliability_figure(
+                    cal.before, cal.after, f"{name}: reliability on test (T={cal.temperature:.2f} "
+                    "fitted on val)", m["test_ece"], m["test_ece_calibrated"])
+                R.write_csv(work / "coverage" / f"{name}.csv", cal.coverage,
+                            ["threshold", "coverage", "accuracy"])
             for kind, fig in figs.items():
                 if fig is not None:
                     R.save_figure(fig, work / "images" / f"{name}_{kind}.png")
@@ -208,6 +225,8 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
                     champion, uri, float(results[champion]["val_accuracy"]), val_md5, {
                         "arch": str(cinfo.get("arch", "")), "classes": ",".join(classes),
                         "test_accuracy": f"{results[champion]['test_accuracy']:.4f}",
+                        "temperature": f"{results[champion].get('temperature') or 1.0:.6g}",
+                        "temperature_tta": evaluate.tta,
                         "pretrained": str(results[champion].get("pretrained")).lower(),
                         "input": "float32 (N,48,48,1) raw grayscale 0..255"}),
                     bool(asked), not_asked,
