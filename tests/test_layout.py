@@ -11,7 +11,8 @@ from fer_pipeline.sandbox import ROOT
 PKG = ROOT / "src" / "fer_pipeline"
 # Base modules: errors, params, shared helpers. They import nothing but each other.
 BASE = {"errors", "params", "io", "arrays", "tracking", "keras_mlflow", "plots", "champion",
-        "synthetic", "sandbox", "profiles", "tta", "release", "calibration"}
+        "synthetic", "sandbox", "profiles", "tta", "release", "calibration",
+        "corruptions"}
 STAGES = {"data", "train", "evaluate", "predict", "export"}   # each: base + its own only
 RUNNER = {"orchestrate"}                             # base only (it shells out to `dvc`)
 APPS = {"serve": {"predict"}, "web": set()}          # predict over HTTP: base + predict

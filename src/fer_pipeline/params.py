@@ -191,6 +191,26 @@ class MlflowParams:
 # ---- evaluation and registry ----------------------------------------------------------------
 
 @dataclass(frozen=True)
+class RobustnessParams:
+    """evaluate's corruption suite (fer_pipeline.corruptions): accuracy per corruption."""
+
+    enabled: bool = True
+    corruptions: list[str] = field(default_factory=lambda: [
+        "dark", "bright", "contrast", "blur", "noise", "jpeg", "rotation", "shift", "occlusion"])
+    severities: list[int] = field(default_factory=lambda: [1, 2, 3])
+    max_images: int | None = 2000        # a seeded random subset of test (None: all)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Corruption names are checked by evaluate against fer_pipeline.corruptions before any
+        # work (importing it here would make it a dep of every stage).
+        for s in self.severities:
+            _choice("evaluate.robustness.severities[]", s, (1, 2, 3))
+        if self.max_images is not None and self.max_images < 1:
+            raise ParamsError("evaluate.robustness.max_images must be >= 1 or null")
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     test_path: str = "data/processed/test.npz"   # the only reader of the test split
     val_path: str = "data/processed/val.npz"     # which models are comparable; re-scoring
@@ -198,6 +218,7 @@ class EvaluateParams:
     batch_size: int = 256                        # inference batch (and the speed measurement)
     tta: str = "flip_crops"                      # none | flip (image + mirror) | flip_crops (10 views)
     calibrate: bool = True                       # fit a temperature on val; ECE/NLL before/after
+    robustness: RobustnessParams = field(default_factory=RobustnessParams)
 
     def __post_init__(self) -> None:
         _choice("tta", self.tta, TTA_MODES)

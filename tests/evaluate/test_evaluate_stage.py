@@ -38,15 +38,22 @@ def test_evaluate_reports_mlflow_and_registry_lifecycle(eval_params, run_evaluat
     # Temperature fitted on val: it can only lower the NLL it was fitted for on val, and these
     # tiny models' softmax is far from calibrated, so it moves off 1.
     assert m["temperature"] != pytest.approx(1.0, abs=1e-3) and 0 <= m["test_ece"] <= 1
+    # Corruption suite on every test image (70 < max_images), nine corruptions x 3 severities.
+    assert m["robust_n"] == 70 and m["robust_worst_corruption"] in (
+        "dark", "bright", "contrast", "blur", "noise", "jpeg", "rotation", "shift", "occlusion")
+    assert m["robust_worst_drop"] == pytest.approx(
+        m["robust_clean_accuracy"] - m[f"robust_{m['robust_worst_corruption']}"])
     assert m["test_n"] == 70 and m["test_n_clean"] == 63 and m["champion"] is True
     assert metrics["big"]["champion"] is False
     assert set(m["per_class"]["happy"]) == {"precision", "recall", "f1", "support"}
     for name in ("small", "big"):
-        for kind in ("confusion", "confusion_normalized", "curves", "reliability"):
+        for kind in ("confusion", "confusion_normalized", "curves", "reliability", "robustness"):
             assert (out / "images" / f"{name}_{kind}.png").stat().st_size > 1000
         with (out / "coverage" / f"{name}.csv").open() as fh:
             cov = list(csv.DictReader(fh))
         assert cov[0]["threshold"] == "0.0" and float(cov[0]["coverage"]) == 1.0
+        with (out / "robustness" / f"{name}.csv").open() as fh:
+            assert len(list(csv.DictReader(fh))) == 27
         with (out / "confusion" / f"{name}.csv").open() as fh:
             rows = list(csv.DictReader(fh))
         assert len(rows) == 70 and set(rows[0]) == {"actual", "predicted"}
@@ -56,13 +63,14 @@ def test_evaluate_reports_mlflow_and_registry_lifecycle(eval_params, run_evaluat
     assert comp["small"]["pretrained"] == "False" and comp["small"]["champion"] == "True"
     md = (out / "comparison.md").read_text()
     assert "| **small** |" in md and "pretrained" in md and "img/s" in md
+    assert "worst drop" in md and "ECE scaled" in md
 
     client = _client()
     run = client.get_run(infos["small"]["run_id"])
     assert "test_accuracy" in run.data.metrics and "test_f1_happy" in run.data.metrics
     assert "test_accuracy_clean" in run.data.metrics
     assert run.data.metrics["temperature"] == pytest.approx(m["temperature"])
-    assert "test_ece_calibrated" in run.data.metrics
+    assert "test_ece_calibrated" in run.data.metrics and "robust_worst_drop" in run.data.metrics
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/confusion.png", "evaluation/confusion_normalized.png",
             "evaluation/per_class.json", "evaluation/reliability.png"} <= arts

@@ -7,6 +7,7 @@ on arrays, so it is the same for every model and backend.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +127,45 @@ def calibration_metrics(y_test: np.ndarray, test_probs: np.ndarray, y_val: np.nd
                "val_ece_calibrated": C.ece(C.apply_temperature(val_probs, t), y_val)}
     return Calibration(t, metrics, C.reliability(test_probs, y_test),
                        C.reliability(scaled, y_test), C.coverage_curve(scaled, y_test))
+
+
+@dataclass
+class Robustness:
+    rows: list[dict[str, Any]]            # corruption, severity, accuracy
+    metrics: dict[str, Any]               # robust_* (see robustness_suite)
+
+
+def robustness_suite(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray,
+                     corruptions: list[str], severities: list[int], max_images: int | None,
+                     seed: int) -> Robustness:
+    """Accuracy on a seeded subset of (x, y), clean and under each corruption and severity.
+
+    Metrics: robust_clean_accuracy (the subset, no TTA), robust_<corruption> (mean over the
+    severities), robust_mean_accuracy (mean over corruptions), robust_worst_drop (clean minus
+    the worst corruption's mean) and robust_worst_corruption (its name)."""
+    from fer_pipeline.corruptions import corrupt
+
+    idx = np.sort(np.random.default_rng(seed).permutation(len(x))[:max_images or len(x)])
+    xs, ys = np.asarray(x, np.float32)[idx], np.asarray(y)[idx]
+
+    def acc(batch: np.ndarray) -> float:
+        return float((np.asarray(predict(batch)).argmax(axis=1) == ys).mean())
+
+    clean = acc(xs)
+    rows, per = [], {}
+    for c in corruptions:
+        accs = []
+        for sev in severities:
+            accs.append(acc(corrupt(xs, c, sev, seed)))
+            rows.append({"corruption": c, "severity": sev, "accuracy": accs[-1]})
+        per[c] = float(np.mean(accs))
+    worst = min(per, key=per.get) if per else None
+    metrics: dict[str, Any] = {"robust_clean_accuracy": clean, "robust_n": int(len(idx))}
+    metrics.update({f"robust_{c}": v for c, v in per.items()})
+    if per:
+        metrics.update(robust_mean_accuracy=float(np.mean(list(per.values()))),
+                       robust_worst_drop=clean - per[worst], robust_worst_corruption=worst)
+    return Robustness(rows, metrics)
 
 
 def flat_mlflow_metrics(metrics: dict[str, Any]) -> dict[str, float]:

@@ -31,6 +31,8 @@ COMPARISON_COLUMNS = [
     ("test_accuracy_public", "PublicTest acc"), ("test_accuracy_private", "PrivateTest acc"),
     ("test_accuracy_clean", "clean test acc"), ("test_macro_f1", "macro F1"),
     ("test_weighted_f1", "weighted F1"), ("test_top2_accuracy", "top-2 acc"),
+    ("robust_mean_accuracy", "corrupted acc"), ("robust_worst_drop", "worst drop"),
+    ("robust_worst_corruption", "worst corruption"),
     ("test_ece", "ECE"), ("test_ece_calibrated", "ECE scaled"), ("temperature", "T"),
     ("images_per_second", "img/s"), ("stale", "stale val data"), ("champion", "champion"),
 ]
@@ -91,6 +93,27 @@ def reliability_figure(before: list[dict[str, Any]], after: list[dict[str, Any]]
            width=before[0]["hi"] - before[0]["lo"], color="tab:blue", alpha=0.6)
     hx.set_xlabel("confidence (top probability, before scaling)")
     hx.set_ylabel("share")
+    fig.tight_layout()
+    return fig
+
+
+def robustness_figure(rows: list[dict[str, Any]], clean: float, title: str):
+    """Accuracy per corruption (bars per severity) against clean accuracy (dashed line)."""
+    plt = _pyplot()
+    names = list(dict.fromkeys(r["corruption"] for r in rows))
+    sevs = sorted({r["severity"] for r in rows})
+    acc = {(r["corruption"], r["severity"]): r["accuracy"] for r in rows}
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
+    w = 0.8 / max(len(sevs), 1)
+    for k, sev in enumerate(sevs):
+        ax.bar([i + (k - (len(sevs) - 1) / 2) * w for i in range(len(names))],
+               [acc.get((n, sev), 0.0) for n in names], w, label=f"severity {sev}")
+    ax.axhline(clean, color="black", linestyle="--", linewidth=1, label=f"clean {clean:.3f}")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, ncol=len(sevs) + 1, loc="upper right")
     fig.tight_layout()
     return fig
 

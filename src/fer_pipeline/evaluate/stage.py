@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from fer_pipeline.errors import FerError, MissingInputError
+from fer_pipeline.errors import FerError, MissingInputError, ParamsError
 from fer_pipeline.io import md5_file, staged_dir, write_json
 from fer_pipeline.params import EvaluateParams, MlflowParams, ModelParams, RegistryParams, TrainParams
 from fer_pipeline.tracking import data_hashes, setup_tracking
@@ -83,6 +83,7 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
     """
     from fer_pipeline.arrays import load_split
     from fer_pipeline.champion import choose_champion
+    from fer_pipeline.corruptions import CORRUPTIONS
     from fer_pipeline.evaluate import metrics as M
     from fer_pipeline.evaluate import report as R
     from fer_pipeline.evaluate.registry import (
@@ -93,6 +94,10 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
     )
     from fer_pipeline.keras_mlflow import model_in_store
 
+    unknown = [c for c in evaluate.robustness.corruptions if c not in CORRUPTIONS]
+    if evaluate.robustness.enabled and unknown:
+        raise ParamsError(f"evaluate.robustness.corruptions: unknown {', '.join(unknown)} "
+                          f"(known: {', '.join(CORRUPTIONS)})")
     register = registry.enabled if register is None else register
     train_reports = Path(train.reports_dir)
     models_dir = Path(train.models_dir)
@@ -146,6 +151,11 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
             pred = M.predict_proba(model, test.x, evaluate.batch_size, evaluate.tta)
             val_probs = (M.predict_proba(model, val.x, evaluate.batch_size, evaluate.tta).probs
                          if val is not None else None)
+            rp = evaluate.robustness
+            rob = M.robustness_suite(
+                lambda xb, model=model: model.predict(xb, batch_size=evaluate.batch_size, verbose=0),
+                test.x, test.y, rp.corruptions, rp.severities, rp.max_images, rp.seed) \
+                if rp.enabled else None
             del model
             keras.backend.clear_session()
             m = M.compute_metrics(test.y, pred.probs, classes, test.origin, test.flags)
@@ -153,6 +163,8 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
                 if val is not None else None
             if cal is not None:
                 m.update(cal.metrics)
+            if rob is not None:
+                m.update(rob.metrics)
             y_pred = pred.probs.argmax(axis=1)
             cm = M.confusion(test.y, y_pred, len(classes))
             tm = train_metrics[name]
@@ -167,6 +179,11 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
                      "%.0f img/s", name, m["test_accuracy"], _f(m["test_accuracy_public"]),
                      _f(m["test_accuracy_private"]), _f(m["test_accuracy_clean"]), m["test_macro_f1"],
                      m["test_top2_accuracy"], pred.images_per_second)
+            if rob is not None and "robust_mean_accuracy" in m:
+                log.info("%s: corruption suite (%d images): clean %.4f, mean %.4f, worst drop "
+                         "%.4f (%s)", name, m["robust_n"], m["robust_clean_accuracy"],
+                         m["robust_mean_accuracy"], m["robust_worst_drop"],
+                         m["robust_worst_corruption"])
             if cal is not None:
                 log.info("%s: calibration on test: ECE %.4f -> %.4f, NLL %.4f -> %.4f with T=%.3f "
                          "(fitted on val)", name, m["test_ece"], m["test_ece_calibrated"],
@@ -186,6 +203,12 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
                     "fitted on val)", m["test_ece"], m["test_ece_calibrated"])
                 R.write_csv(work / "coverage" / f"{name}.csv", cal.coverage,
                             ["threshold", "coverage", "accuracy"])
+            if rob is not None:
+                figs["robustness"] = R.robustness_figure(
+                    rob.rows, m["robust_clean_accuracy"],
+                    f"{name}: accuracy under corruptions ({m['robust_n']} test images, no TTA)")
+                R.write_csv(work / "robustness" / f"{name}.csv", rob.rows,
+                            ["corruption", "severity", "accuracy"])
             for kind, fig in figs.items():
                 if fig is not None:
                     R.save_figure(fig, work / "images" / f"{name}_{kind}.png")
