@@ -120,6 +120,8 @@ def export_release(models: dict[str, ModelParams], train: TrainParams, evaluate:
                              **{k: m.get(k) for k in ("test_ece", "test_ece_calibrated",
                                                       "test_nll", "test_nll_calibrated")}}
                             if m.get("temperature") else None),
+            "robustness": ({k[len("robust_"):]: v for k, v in m.items() if k.startswith("robust_")}
+                           if "robust_mean_accuracy" in m else None),
         }
         write_json(work / MANIFEST, manifest)
         for kind, dest in (("confusion_normalized", "confusion.png"),
@@ -260,6 +262,19 @@ def model_card(man: dict[str, Any], cm: np.ndarray | None, data: dict[str, Any])
         lines += [f"| {c} | " + " | ".join(f"{v:.2f}" for v in rows[k]) + " |"
                   for k, c in enumerate(classes)]
         lines += ["", "![confusion](confusion.png)", ""]
+    rob = man.get("robustness")
+    if rob:
+        names = [k for k in rob if k not in ("clean_accuracy", "n", "mean_accuracy", "worst_drop",
+                                             "worst_corruption")]
+        lines += ["## Robustness",
+                  f"Accuracy on {rob['n']:,} test images without test-time augmentation, clean "
+                  f"and under each corruption of the suite (mean over three severities; "
+                  f"definitions in src/fer_pipeline/corruptions.py):", "",
+                  "| clean | " + " | ".join(names) + " | mean | worst drop |",
+                  "|---|" + "---|" * (len(names) + 2),
+                  f"| {_pct(rob['clean_accuracy'])} | " + " | ".join(_pct(rob[n]) for n in names)
+                  + f" | {_pct(rob['mean_accuracy'])} | {100 * rob['worst_drop']:.1f} pt "
+                  f"({rob['worst_corruption']}) |", ""]
     cal = man.get("calibration")
     if cal:
         lines += ["## Calibration",

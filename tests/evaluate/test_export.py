@@ -57,10 +57,11 @@ def test_the_bundle_describes_itself(released):
     cal = man["calibration"]          # fitted on val by evaluate, shipped with the model
     assert cal["temperature"] == metrics["temperature"] and cal["fitted_on"] == "validation"
     assert cal["test_ece_calibrated"] == metrics["test_ece_calibrated"]
+    assert man["robustness"]["worst_drop"] == metrics["robust_worst_drop"]
     assert set(man["data_md5"]) == {str(root / "data/val.npz"), str(root / "data/test.npz")}
     card = (out / "MODEL_CARD.md").read_text()
     for needle in ("## Intended use", "**Not for**", "label noise", "## Confusion matrix",
-                   "| happy |", "## Calibration", "## Limits"):
+                   "| happy |", "## Robustness", "## Calibration", "## Limits"):
         assert needle in card, needle
 
 
