@@ -96,6 +96,10 @@ class AugmentParams:
     fill_mode: str = "nearest"     # constant | nearest | reflect | wrap
     contrast: float = 0.0          # max random contrast change, fraction
     random_erasing: float = 0.0    # probability of erasing one random rectangle (2-33% of area)
+    # Photometric robustness (issue: corruption suite); 0 = off, as in the study.
+    brightness: float = 0.0        # max brightness shift, fraction of the 0..255 range
+    blur: float = 0.0              # max Gaussian-blur strength (keras RandomGaussianBlur factor)
+    noise: float = 0.0             # std of additive Gaussian noise, grey levels (0..255)
 
     def __post_init__(self) -> None:
         _choice("fill_mode", self.fill_mode, {"constant", "nearest", "reflect", "wrap"})
@@ -103,7 +107,8 @@ class AugmentParams:
     @property
     def enabled(self) -> bool:
         return bool(self.rotation or self.width_shift or self.height_shift or self.shear
-                    or self.zoom or self.horizontal_flip or self.contrast or self.random_erasing)
+                    or self.zoom or self.horizontal_flip or self.contrast or self.random_erasing
+                    or self.brightness or self.blur or self.noise)
 
 
 @dataclass(frozen=True)

@@ -291,6 +291,30 @@ def test_augmentation_compiles_on_jax_only():
     assert not tf_layers["aug_shift"].supports_jit   # left as Keras says for TensorFlow-XLA
 
 
+def test_photometric_augmentation_changes_images_in_training_only():
+    """brightness / blur / noise (robustness levers): active when training, identity at
+    inference, values kept in 0..255."""
+    import numpy as np
+
+    from fer_pipeline.train.augment import augmentation_layers
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(30, 220, (8, 48, 48, 1)).astype("float32")
+    for key, value in (("brightness", 0.3), ("blur", 1.0), ("noise", 10.0)):
+        layers = augmentation_layers(P.AugmentParams(**{key: value}), seed=3)
+        assert f"aug_{key}" in [layer.name for layer in layers]
+
+        def run(training: bool, layers=layers):
+            out = x
+            for layer in layers:
+                out = layer(out, training=training)
+            return np.asarray(out)
+
+        trained = run(True)
+        assert trained.shape == x.shape and np.abs(trained - x).mean() > 0.5, key
+        assert np.allclose(run(False), x, atol=1e-3), key
+
+
 def test_jax_backend_smoke(processed, tmp_path):
     pytest.importorskip("jax")
     params = _params_file(tmp_path, {"cnn": {**CNN, "epochs": 1, "augmentation": {

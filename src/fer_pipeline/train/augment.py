@@ -36,6 +36,18 @@ def augmentation_layers(aug: AugmentParams, seed: int | None = None,
         # Erases one rectangle (2-33% of the image) with noise, with this probability per image.
         layers.append(keras.layers.RandomErasing(factor=aug.random_erasing, value_range=(0, 255),
                                                  name="aug_erasing", **kw))
+    if aug.brightness:
+        layers.append(keras.layers.RandomBrightness(aug.brightness, value_range=(0, 255),
+                                                    name="aug_brightness", **kw))
+    if aug.blur:
+        # sigma up to 1.8 px at 48x48: the suite's strongest blur
+        layers.append(keras.layers.RandomGaussianBlur(aug.blur, kernel_size=5, sigma=(0.1, 1.8),
+                                                      value_range=(0, 255), name="aug_blur", **kw))
+    if aug.noise:
+        # GaussianNoise takes a stddev in [0, 1]: applied on pixels scaled to 0..1 and back.
+        layers += [keras.layers.Rescaling(1 / 255, name="aug_noise_in", dtype="float32"),
+                   keras.layers.GaussianNoise(aug.noise / 255, name="aug_noise", **kw),
+                   keras.layers.Rescaling(255.0, name="aug_noise_out", dtype="float32")]
     if (backend or keras.backend.backend()) == "jax":
         # RandomTranslation/RandomZoom declare supports_jit=False (a TensorFlow-XLA limit), and
         # one such layer makes Keras run the whole train step eagerly, op by op: on JAX that
