@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 PROFILE ?= quick
 
-.PHONY: help setup data run study test lint clean-outputs
+.PHONY: help setup data run study test serve lint clean-outputs
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -28,6 +28,9 @@ study: setup  ## the original study's full recipe (params.yaml defaults; a GPU j
 
 test: setup  ## the test suite (real DVC, GX, MLflow and Prefect servers; tiny synthetic data)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
+
+serve: setup  ## fer serve: HTTP + web page on http://127.0.0.1:8000/ (the champion, else the bundled release)
+	$(BIN)/fer serve
 
 lint: setup  ## ruff
 	$(BIN)/ruff check src flows tests benchmarks

@@ -32,8 +32,10 @@ def two_faces(path: Path) -> Path:
     canvas = np.full((420, 760), 200, np.uint8)
     for k, name in enumerate(("happy_48.jpg", "surprise_48.jpg")):
         face = cv2.imread(str(common.ROOT / "tests/fixtures" / name), cv2.IMREAD_GRAYSCALE)
-        x = 60 + k * 380
-        canvas[90:330, x:x + 240] = cv2.resize(face, (240, 240), interpolation=cv2.INTER_CUBIC)
+        # FER crops are tight; a margin (edges repeated) lets the detector see a whole head
+        face = cv2.copyMakeBorder(face, 8, 8, 8, 8, cv2.BORDER_REPLICATE)
+        x = 40 + k * 380
+        canvas[60:360, x:x + 300] = cv2.resize(face, (300, 300), interpolation=cv2.INTER_CUBIC)
     cv2.imwrite(str(path), cv2.cvtColor(canvas, cv2.COLOR_GRAY2BGR))
     return path
 

@@ -206,7 +206,8 @@ def _pct(v: Any) -> str:
 def model_card(man: dict[str, Any], cm: np.ndarray | None, data: dict[str, Any]) -> str:
     m, classes = man["metrics"], man["classes"]
     lines = [
-        f"# Model card: {man['name']} ({man['model']}, {man['arch']})", "",
+        f"# Model card: {man['name']} ({man['model']}"
+        + (f", {man['arch']})" if man['arch'] != man['model'] else ")"), "",
         f"Exported {man['exported_at']} from commit `{man['git_commit']}`"
         + (f", registered version {man['registered_version']}" if man.get("registered_version")
            else "") + f"; Keras {man['keras']}; {man['trainable_params']:,} parameters; "
@@ -262,6 +263,20 @@ def model_card(man: dict[str, Any], cm: np.ndarray | None, data: dict[str, Any])
         lines += [f"| {c} | " + " | ".join(f"{v:.2f}" for v in rows[k]) + " |"
                   for k, c in enumerate(classes)]
         lines += ["", "![confusion](confusion.png)", ""]
+    rec, tr = man.get("recipe") or {}, man.get("training") or {}
+    if rec:
+        aug = {k: v for k, v in (rec.get("augmentation") or {}).items()
+               if v and k != "fill_mode"}
+        keys = ("epochs", "batch_size", "optimizer", "learning_rate", "weight_decay",
+                "lr_schedule", "label_smoothing", "width", "conv_filters", "blocks_per_stage",
+                "dropout")
+        lines += ["## Training",
+                  f"Recipe (`models.{man['model']}` in params.yaml at export): "
+                  + ", ".join(f"{k} {rec[k]}" for k in keys if rec.get(k) not in (None, ""))
+                  + "; augmentation " + (", ".join(f"{k} {v}" for k, v in aug.items()) or "none")
+                  + f". Trained {tr.get('epochs_run')} epochs in {tr.get('train_seconds') or 0:,.0f} s "
+                  f"(best epoch {tr.get('best_epoch')}), from scratch (no pretrained weights); "
+                  f"training data md5 `{man.get('data_md5_train')}`.", ""]
     rob = man.get("robustness")
     if rob:
         names = [k for k in rob if k not in ("clean_accuracy", "n", "mean_accuracy", "worst_drop",

@@ -404,7 +404,25 @@ def detect_faces(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
     boxes = _CASCADE.detectMultiScale(cv2.equalizeHist(gray), scaleFactor=1.1, minNeighbors=5,
                                       minSize=(min_size, min_size))
     boxes = [tuple(int(v) for v in b) for b in (boxes if len(boxes) else [])]
-    return sorted(boxes, key=lambda b: -b[2] * b[3])
+    return drop_nested(sorted(boxes, key=lambda b: -b[2] * b[3]))
+
+
+def drop_nested(boxes: list[tuple[int, int, int, int]], inside: float = 0.6
+                ) -> list[tuple[int, int, int, int]]:
+    """Boxes (largest first) without those lying mostly (`inside` of their area) within a kept
+    larger box: the cascade's false positives on a nose or mouth inside a face it found."""
+    kept: list[tuple[int, int, int, int]] = []
+    for b in boxes:
+        x, y, w, h = b
+        if not any(_overlap(b, k) >= inside * w * h for k in kept):
+            kept.append(b)
+    return kept
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
+    w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    return max(w, 0) * max(h, 0)
 
 
 def crop_face(gray: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:

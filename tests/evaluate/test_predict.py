@@ -14,7 +14,7 @@ from fer_pipeline import params as P
 from fer_pipeline.calibration import apply_temperature
 from fer_pipeline.cli import main
 from fer_pipeline.errors import FerError
-from fer_pipeline.predict import detect_faces, predict_files
+from fer_pipeline.predict import detect_faces, drop_nested, predict_files
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 DEFAULTS = P.Params()   # what `fer predict` uses outside a project
@@ -56,6 +56,21 @@ def test_haar_cascade_finds_the_pasted_face(photo):
     assert len(boxes) == 1
     x, y, w, h = boxes[0]
     assert abs(x + w / 2 - 320) < 40 and abs(y + h / 2 - 220) < 40 and 120 < w < 280
+
+
+def test_a_box_inside_a_found_face_is_dropped_but_separate_faces_stay():
+    """The surprise face, upscaled with a margin: the cascade also fires on its nose/mouth
+    (seen on fer serve's page); that nested box is not a second face."""
+    face = cv2.imread(str(FIXTURES / "surprise_48.jpg"), cv2.IMREAD_GRAYSCALE)
+    face = cv2.resize(cv2.copyMakeBorder(face, 8, 8, 8, 8, cv2.BORDER_REPLICATE), (300, 300),
+                      interpolation=cv2.INTER_CUBIC)
+    canvas = np.full((420, 760), 200, np.uint8)
+    canvas[60:360, 420:720] = face
+    canvas[60:360, 40:340] = face
+    boxes = detect_faces(canvas)
+    assert len(boxes) == 2 and {b[0] < 380 for b in boxes} == {True, False}
+    assert drop_nested([(0, 0, 100, 100), (30, 30, 20, 20), (90, 90, 50, 50)]) == [
+        (0, 0, 100, 100), (90, 90, 50, 50)]     # a small overlap is another face
 
 
 def test_predict_local_model_photo_crop_and_bad_inputs(local_model, photo, bad_files, tmp_path,
