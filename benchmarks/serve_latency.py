@@ -150,7 +150,7 @@ def main() -> int:
     lines += ["", "| model file | `fer predict` cold start | peak memory | `fer serve` first "
               "answer | p50 / p95 @1 client | req/s @1 | p50 / p95 @8 clients | req/s @8 |",
               "|---|---|---|---|---|---|---|---|"]
-    for model in args.model:
+    for model in [str(Path(m).resolve()) if Path(m).exists() else m for m in args.model]:
         cold, rss = timed([*FER, "predict", "--model", model, "--tta", "none", str(img)], env)
         sv = serve_figures(model, img, env, args.requests, tmp)
         lines.append(f"| `{Path(model).name}` | **{statistics.median(cold):.2f} s** | "
