@@ -21,7 +21,8 @@ DEFAULTS = P.Params()   # what `fer predict` uses outside a project
 
 
 def _predict(paths, model=None, params=DEFAULTS):
-    return predict_files(paths, model, params.data.classes, params.registry, params.mlflow)
+    return predict_files(paths, model, params.data.classes, params.registry, params.mlflow,
+                         limits=params.predict)
 
 
 @pytest.fixture
