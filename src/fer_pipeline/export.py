@@ -27,7 +27,7 @@ import numpy as np
 from fer_pipeline.errors import FerError, MissingInputError
 from fer_pipeline.io import md5_file, staged_dir, write_json, write_text
 from fer_pipeline.params import EvaluateParams, ModelParams, RegistryParams, TrainParams
-from fer_pipeline.release import MANIFEST, MODEL_FILE, ONNX_FILE
+from fer_pipeline.release import MANIFEST, MODEL_FILE, ONNX_FILE, onnx_session
 from fer_pipeline.tracking import data_hashes, git_commit
 
 log = logging.getLogger(__name__)
@@ -148,9 +148,7 @@ def export_onnx(model: Any, path: Path, check_data: Path, batch: int = 512) -> d
     model(np.zeros((1, *model.input_shape[1:]), np.float32))  # a loaded model must be called once
     with contextlib.redirect_stdout(io.StringIO()):      # tf2onnx/Keras print while exporting
         model.export(str(path), format="onnx", verbose=False, opset_version=ONNX_OPSET)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = onnx_session(path)
     name = sess.get_inputs()[0].name
     x = load_split(check_data).x
     agree, worst = 0, 0.0

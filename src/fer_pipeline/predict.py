@@ -178,8 +178,10 @@ def load_classifier(ref: str, classes: list[str], mlflow: MlflowParams | None) -
     """
     path = Path(ref)
     if path.suffix == ".onnx":
-        return _checked(Classifier(_onnx_session(path), list(classes), str(path), "onnx"),
-                        _onnx_errors())
+        from fer_pipeline.release import onnx_errors, onnx_session
+
+        return _checked(Classifier(onnx_session(path), list(classes), str(path), "onnx"),
+                        onnx_errors())
     if path.suffix in (".keras", ".h5") or path.is_file():
         if not path.is_file():
             raise FerError(f"model file not found: {path} (train it: `dvc repro train`)")
@@ -228,31 +230,6 @@ def _onnxruntime_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("onnxruntime") is not None
-
-
-def _onnx_session(path: Path) -> Any:
-    if not path.is_file():
-        raise FerError(f"model file not found: {path} (write it with `fer export`)")
-    if not _onnxruntime_available():
-        raise FerError(f"{path} needs ONNX Runtime: `pip install onnxruntime`, or use the "
-                       f"model.keras beside it (predict.runtime: keras)")
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3          # errors only: no graph-optimizer chatter on stderr
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except _onnx_errors() as exc:
-        first = (str(exc).strip().splitlines() or ["unknown error"])[0]
-        raise FerError(f"cannot load ONNX model {path}: {first}") from exc
-
-
-def _onnx_errors() -> tuple[type[Exception], ...]:
-    """What ONNX Runtime raises for a file or an input it cannot use."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-    return (state.Fail, state.InvalidArgument, state.InvalidGraph, state.InvalidProtobuf,
-            state.NoSuchFile, state.NotImplemented, state.RuntimeException, ValueError)
 
 
 def _checked(clf: Classifier, errors: tuple[type[Exception], ...]) -> Classifier:

@@ -64,3 +64,33 @@ def release_card(folder: str | Path) -> dict[str, Any]:
     card = folder / "MODEL_CARD.md"
     return {"manifest": read_release(folder),
             "model_card_markdown": card.read_text() if card.is_file() else None}
+
+
+def onnx_session(path: str | Path) -> Any:
+    """An ONNX Runtime CPU session for `path` (errors-only logging), or a FerError that says why
+    (no ONNX Runtime installed, a file it cannot read). Shared by predict and export."""
+    import importlib.util
+
+    path = Path(path)
+    if not path.is_file():
+        raise FerError(f"model file not found: {path} (write it with `fer export`)")
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise FerError(f"{path} needs ONNX Runtime: `pip install onnxruntime`, or use the "
+                       f"model.keras beside it (predict.runtime: keras)")
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3          # errors only: no graph-optimizer chatter on stderr
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except onnx_errors() as exc:
+        first = (str(exc).strip().splitlines() or ["unknown error"])[0]
+        raise FerError(f"cannot load ONNX model {path}: {first}") from exc
+
+
+def onnx_errors() -> tuple[type[Exception], ...]:
+    """What ONNX Runtime raises for a file or an input it cannot use."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return (state.Fail, state.InvalidArgument, state.InvalidGraph, state.InvalidProtobuf,
+            state.NoSuchFile, state.NotImplemented, state.RuntimeException, ValueError)
