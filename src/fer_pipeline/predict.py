@@ -148,13 +148,13 @@ def champion_missing(registry: RegistryParams, mlflow: MlflowParams) -> str | No
 def load_release(folder: str | Path, runtime: str = "auto") -> Classifier:
     """The bundle `fer export` wrote: its classes and test-time augmentation, checked.
     runtime "auto" takes model.onnx with ONNX Runtime when both are there (no TensorFlow
-    import: the cold start is a quarter), else model.keras."""
-    from fer_pipeline.release import MODEL_FILE, ONNX_FILE, read_release
+    import: 0.6 s cold start instead of 10 s, benchmarks/results.md), else model.keras."""
+    from fer_pipeline.release import MODEL_FILE, ONNX_FILE, onnxruntime_available, read_release
 
     folder = Path(folder)
     man = read_release(folder)
     use_onnx = runtime == "onnx" or (runtime == "auto" and (folder / ONNX_FILE).is_file()
-                                     and _onnxruntime_available())
+                                     and onnxruntime_available())
     if use_onnx and not (folder / ONNX_FILE).is_file():
         raise FerError(f"release {folder} has no {ONNX_FILE} (predict.runtime: onnx); re-run "
                        f"`fer export`, or set predict.runtime to auto or keras")
@@ -224,12 +224,6 @@ def load_classifier(ref: str, classes: list[str], mlflow: MlflowParams | None) -
     clf = Classifier(model, classes, ref, "pyfunc", str(registered.version) if registered else None)
     clf.temperature = float((registered.tags or {}).get("temperature") or 1.0) if registered else 1.0
     return _checked(clf, (ValueError, MlflowException))
-
-
-def _onnxruntime_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("onnxruntime") is not None
 
 
 def _checked(clf: Classifier, errors: tuple[type[Exception], ...]) -> Classifier:
@@ -390,8 +384,7 @@ def drop_nested(boxes: list[tuple[int, int, int, int]], inside: float = 0.6
     larger box: the cascade's false positives on a nose or mouth inside a face it found."""
     kept: list[tuple[int, int, int, int]] = []
     for b in boxes:
-        x, y, w, h = b
-        if not any(_overlap(b, k) >= inside * w * h for k in kept):
+        if not any(_overlap(b, k) >= inside * b[2] * b[3] for k in kept):
             kept.append(b)
     return kept
 

@@ -69,12 +69,10 @@ def release_card(folder: str | Path) -> dict[str, Any]:
 def onnx_session(path: str | Path) -> Any:
     """An ONNX Runtime CPU session for `path` (errors-only logging), or a FerError that says why
     (no ONNX Runtime installed, a file it cannot read). Shared by predict and export."""
-    import importlib.util
-
     path = Path(path)
     if not path.is_file():
         raise FerError(f"model file not found: {path} (write it with `fer export`)")
-    if importlib.util.find_spec("onnxruntime") is None:
+    if not onnxruntime_available():
         raise FerError(f"{path} needs ONNX Runtime: `pip install onnxruntime`, or use the "
                        f"model.keras beside it (predict.runtime: keras)")
     import onnxruntime as ort
@@ -86,6 +84,12 @@ def onnx_session(path: str | Path) -> Any:
     except onnx_errors() as exc:
         first = (str(exc).strip().splitlines() or ["unknown error"])[0]
         raise FerError(f"cannot load ONNX model {path}: {first}") from exc
+
+
+def onnxruntime_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
 
 
 def onnx_errors() -> tuple[type[Exception], ...]:
