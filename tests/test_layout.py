@@ -12,10 +12,11 @@ PKG = ROOT / "src" / "fer_pipeline"
 # Base modules: errors, params, shared helpers. They import nothing but each other.
 BASE = {"errors", "params", "io", "arrays", "tracking", "keras_mlflow", "plots", "champion",
         "synthetic", "sandbox", "profiles", "tta", "release", "calibration",
-        "corruptions"}
+        "corruptions", "backend"}
 STAGES = {"data", "train", "evaluate", "predict", "export"}   # each: base + its own only
 RUNNER = {"orchestrate"}                             # base only (it shells out to `dvc`)
-APPS = {"serve": {"predict"}, "web": set()}          # predict over HTTP: base + predict
+APPS = {"serve": {"predict"}, "web": set(),        # predict over HTTP: base + predict
+        "worker": set()}                             # fer worker: base only
 
 
 def _unit(path: Path) -> str:

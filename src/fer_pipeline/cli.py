@@ -323,7 +323,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry", action="store_true", help="print the dvc command only")
     p.add_argument("targets", nargs="*", help="stages to run (default: the whole pipeline)")
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("worker", help="a Prefect worker that states its devices first (pool gpu: "
+                                      "refuses to start without a GPU)")
+    p.add_argument("--pool", default="gpu", help="work pool (default: %(default)s)")
+    p.add_argument("--queue", help="only this work queue (e.g. train)")
+    p.add_argument("--limit", type=int, help="flow runs at once on this worker")
+    p.add_argument("--name", help="worker name (default: Prefect's)")
+    p.add_argument("--allow-no-gpu", action="store_true",
+                   help="start on a machine without a GPU (trainings on CPU); "
+                        "or FER_WORKER_ALLOW_NO_GPU=1")
+    p.set_defaults(func=_worker)
     return parser
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from fer_pipeline.backend import requested
+    from fer_pipeline.worker import allowed_by_env, check_devices, prefect_command
+
+    train = P.load(args.params).train if Path(args.params).is_file() else P.TrainParams()
+    backend = requested(train.backend)
+    allow = args.allow_no_gpu or allowed_by_env()
+    found = check_devices(args.pool, backend, allow)
+    print(f"fer worker: pool {args.pool}, Keras backend {backend}, devices: "
+          + "; ".join(map(str, found)), file=sys.stderr)
+    if not any(d.kind == "gpu" for d in found) and allow:
+        print("fer worker: no GPU, allowed: trainings run on this machine's CPU", file=sys.stderr)
+    # The flow runs this worker starts train on what was checked here.
+    os.environ["KERAS_BACKEND"] = backend
+    cmd = prefect_command(args.pool, args.queue, args.limit, args.name)
+    print("fer worker: " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
 
 
 def _report_error(exc: FerError) -> None:

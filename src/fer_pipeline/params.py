@@ -27,6 +27,7 @@ DEFAULT_PARAMS = Path("params.yaml")
 ARCHS = ("custom_cnn", "vgg16", "resnet50", "fernet")
 TRANSFER_ARCHS = ("vgg16", "resnet50")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+BACKENDS = ("tensorflow", "jax")         # Keras backends train runs on (fer_pipeline.backend)
 TTA_MODES = ("none", "flip", "flip_crops")
 RUNTIMES = ("auto", "onnx", "keras")   # predict.runtime
 
@@ -175,6 +176,7 @@ class ModelParams:
 @dataclass(frozen=True)
 class TrainParams:
     precision: str = "auto"                 # auto | float32 | mixed_bfloat16 | mixed_float16
+    backend: str = "tensorflow"             # Keras backend: tensorflow | jax (env KERAS_BACKEND wins)
     seed: int = 42
     models_dir: str = "models"              # models/<name>/model.keras
     reports_dir: str = "reports/train"      # reports/train/<name>/{metrics.json,history.csv}
@@ -183,6 +185,7 @@ class TrainParams:
 
     def __post_init__(self) -> None:
         _choice("precision", self.precision, PRECISIONS)
+        _choice("backend", self.backend, BACKENDS)
 
 
 @dataclass(frozen=True)

@@ -93,14 +93,6 @@ def test_unknown_model_key_is_rejected():
         P.from_dict({"models": {"x": {"arch": "custom_cnn", "epochz": 3}}})
 
 
-def test_auto_precision_policy():
-    from fer_pipeline.train.precision import auto_policy
-
-    assert auto_policy(flags={"amx_bf16"}, gpu=False) == "mixed_bfloat16"
-    assert auto_policy(flags={"avx2"}, gpu=False) == "float32"
-    assert auto_policy(flags=set(), gpu=True) == "mixed_float16"
-
-
 @pytest.mark.parametrize("name", ["vgg16", "resnet50"])
 def test_imagenet_weights_unavailable_gives_clear_error(name, tmp_path, monkeypatch):
     from fer_pipeline.train.models import build_model
@@ -313,18 +305,6 @@ def test_photometric_augmentation_changes_images_in_training_only():
         trained = run(True)
         assert trained.shape == x.shape and np.abs(trained - x).mean() > 0.5, key
         assert np.allclose(run(False), x, atol=1e-3), key
-
-
-def test_jax_backend_smoke(processed, tmp_path):
-    pytest.importorskip("jax")
-    params = _params_file(tmp_path, {"cnn": {**CNN, "epochs": 1, "augmentation": {
-        "rotation": 10, "width_shift": 0.1, "zoom": 0.1, "horizontal_flip": True}}},
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", log_model=False)
-    out = subprocess.run([FER, "--params", str(params), "train", "--model", "cnn",
-                          "--processed-dir", str(processed)],
-                         env=_env(KERAS_BACKEND="jax"), cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
 
 
 def test_fernet_recipe_trains_with_smoothing_cosine_and_erasing(processed, tmp_path, monkeypatch):

@@ -131,6 +131,7 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
     val = load_split(evaluate.val_path) if evaluate.calibrate else None
     import keras
 
+    log.info("Keras backend: %s", keras.backend.backend())
     # Every file goes to a staging folder that replaces reports/evaluate only when all is
     # written: a failure (a model that does not load, a registry error) leaves the old reports.
     with staged_dir(out) as work:

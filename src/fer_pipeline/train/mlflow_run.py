@@ -69,7 +69,8 @@ class MlflowRun(NoRun):
                 resume_id = None
         self.tags = tracking.run_tags(data_files, {
             "model_name": info["model_name"], "arch": info["arch"],
-            "pretrained": str(info["pretrained"]).lower(), "precision": info["precision"]})
+            "pretrained": str(info["pretrained"]).lower(), "precision": info["precision"],
+            "backend": info["backend"]})
         with mlflow.start_run(run_id=resume_id,
                               run_name=None if resume_id else info["model_name"]) as run:
             self.run_id = run.info.run_id

@@ -6,7 +6,10 @@ import logging
 import os
 from pathlib import Path
 
+from fer_pipeline.backend import Device, gpus
+
 log = logging.getLogger(__name__)
+BF16_CAPABILITY = (8, 0)   # Ampere and later: bf16 tensor cores (and fp32 range, no loss scaling)
 
 
 def cpu_flags() -> set[str]:
@@ -20,34 +23,22 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def has_gpu() -> bool:
+def visible_gpus() -> list[Device]:
     import keras
 
-    backend = keras.backend.backend()
-    try:
-        if backend == "tensorflow":
-            import tensorflow as tf
-
-            return bool(tf.config.list_physical_devices("GPU"))
-        if backend == "jax":
-            import jax
-
-            return any(d.platform == "gpu" for d in jax.devices())
-        if backend == "torch":
-            import torch
-
-            return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001 - no device info = no GPU
-        return False
-    return False
+    return gpus(keras.backend.backend())
 
 
-def auto_policy(flags: set[str] | None = None, gpu: bool | None = None) -> str:
-    """mixed_float16 on a GPU; mixed_bfloat16 on CPUs with native bf16 matmul units
-    (AMX, or AVX512-BF16, where bf16 measured 2x faster than float32 on this project's CNN);
-    float32 otherwise (bf16 emulated in software is slower than float32)."""
-    gpu = has_gpu() if gpu is None else gpu
-    if gpu:
+def auto_policy(flags: set[str] | None = None, gpu_devices: list[Device] | None = None) -> str:
+    """On GPUs: mixed_bfloat16 when every visible GPU has bf16 tensor cores (compute capability
+    8.0+: A100, H100, H200, L4...), mixed_float16 on older ones (V100, T4: fp16 only).
+    On CPUs: mixed_bfloat16 with native bf16 matmul units (AMX or AVX512-BF16, where bf16
+    measured 2x faster than float32 on this project's CNN); float32 otherwise (bf16 emulated in
+    software is slower than float32)."""
+    found = visible_gpus() if gpu_devices is None else gpu_devices
+    if found:
+        if all(d.capability and d.capability >= BF16_CAPABILITY for d in found):
+            return "mixed_bfloat16"
         return "mixed_float16"
     flags = cpu_flags() if flags is None else flags
     if "amx_bf16" in flags or "avx512_bf16" in flags:
@@ -67,5 +58,6 @@ def apply_policy(precision: str) -> str:
 
     policy = resolve_policy(precision)
     keras.mixed_precision.set_global_policy(policy)
-    log.info("dtype policy: %s (train.precision=%s)", policy, precision)
+    log.info("dtype policy: %s (train.precision=%s, backend %s)", policy, precision,
+             keras.backend.backend())
     return policy

@@ -52,6 +52,10 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
 
     tracker = MlflowRun(mlflow_params) if mlflow_params else NoRun()
 
+    # 2. The Keras backend, chosen before Keras loads (the worker's KERAS_BACKEND wins).
+    from fer_pipeline.backend import select
+
+    select(tp.backend)
     import keras
 
     from fer_pipeline.train import recipe
@@ -61,7 +65,7 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
     from fer_pipeline.train.precision import apply_policy
     from fer_pipeline.train.resume import ResumeState, fingerprint, prior_best
 
-    # 2. Data, precision, model.
+    # 3. Data, precision, model.
     train, val = _load_splits(data_files)
     n_classes = len(train.classes)
     keras.utils.set_random_seed(tp.seed)
@@ -71,11 +75,12 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
         log.warning("models.%s.weights is null: %s trains WITHOUT pretrained weights%s", name,
                     mp.arch, " (frozen random base: only the head learns)" if mp.freeze_base else "")
 
-    # 3. Resume state: valid only for the same params, precision and data.
+    # 4. Resume state: valid only for the same params, precision, backend and data.
     state = ResumeState.open(Path(state_dir or tp.state_dir) / name,
-                             fingerprint(name, mp, tp.seed, policy, data_files))
+                             fingerprint(name, mp, tp.seed, f"{policy}@{keras.backend.backend()}",
+                                         data_files))
 
-    # 4. Inputs (cached frozen-base features, or the images) and the compiled recipe.
+    # 5. Inputs (cached frozen-base features, or the images) and the compiled recipe.
     fit_model, xtr, xva = _fit_inputs(built, mp, train, val, state)
     steps, val_steps = -(-len(train) // mp.batch_size), -(-len(val) // mp.batch_size)
     targets = recipe.compile_for_fit(fit_model, mp, n_classes, steps)
@@ -84,7 +89,7 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
                             repeat=True)
     val_ds = make_dataset(xva, targets(val.y), mp.batch_size, repeat=True)
 
-    # 5. Fit in the (new or resumed) run, keeping the best epoch's full model.
+    # 6. Fit in the (new or resumed) run, keeping the best epoch's full model.
     n_params = trainable_params(built.model)
     info = {"model_name": name, "arch": mp.arch, "pretrained": built.pretrained,
             "weights_source": built.weights_source, "precision": policy,
@@ -113,7 +118,7 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
                       if mp.class_weights else None)
         train_seconds = time.perf_counter() - t0
 
-        # 6. The best epoch's full model is the result (the current one if no epoch ran).
+        # 7. The best epoch's full model is the result (the current one if no epoch ran).
         best = keras.saving.load_model(state.best_model) if state.best_model.is_file() \
             else built.model
         rows = logger.rows
@@ -132,7 +137,7 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
                        state.history_file, best, val.x[:4])
         save_model(best, model_path)
 
-    # 7. Outputs (atomic), then the resume state goes.
+    # 8. Outputs (atomic), then the resume state goes.
     io.copy_file(state.history_file, out / "history.csv")
     io.write_json(out / "metrics.json", metrics)
     summary = run.summary(info)
