@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 PROFILE ?= quick
 
-.PHONY: help setup data run study test serve lint clean-outputs
+.PHONY: help setup setup-gpu data run study test serve lint clean-outputs
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -55,12 +55,15 @@ mlflow-server: setup  ## MLflow server on HOST:5000 (SQLite mlflow.db, artifacts
 prefect-server: setup  ## Prefect server + UI on HOST:4200 (state in .prefect/)
 	$(PREFECT_ENV) $(BIN)/prefect server start --host $(HOST) --port $(PREFECT_PORT)
 
-worker: setup  ## a worker for this machine: prefect worker start --pool gpu (QUEUE=train LIMIT=1: trainings only)
-	$(PREFECT_ENV) $(BIN)/prefect worker start --pool gpu --type process \
-		$(if $(QUEUE),--work-queue $(QUEUE)) $(if $(LIMIT),--limit $(LIMIT))
+worker: setup  ## a worker of pool gpu: states its devices, refuses without a GPU (QUEUE=train LIMIT=1 ALLOW_NO_GPU=1)
+	$(PREFECT_ENV) $(BIN)/fer worker --pool gpu $(if $(QUEUE),--queue $(QUEUE)) \
+		$(if $(LIMIT),--limit $(LIMIT)) $(if $(ALLOW_NO_GPU),--allow-no-gpu)
 
-deploy: setup  ## register prefect.yaml's deployments (nightly 02:00 UTC + on-demand, pool gpu; GPUS=N)
-	$(PREFECT_ENV) FER_PROJECT_DIR="$(abspath .)" $(BIN)/python flows/deploy.py --gpus $(GPUS)
+setup-gpu: setup  ## add the GPU extra (JAX with CUDA 12) to .venv: for workers of pool gpu (then KERAS_BACKEND=jax)
+	$(BIN)/pip install -q -e '.[gpu]'
+
+deploy: setup  ## register prefect.yaml's deployments (nightly 02:00 UTC + on-demand, pool gpu; GPUS=N; workers clone FER_GIT_REPOSITORY@FER_GIT_BRANCH)
+	$(PREFECT_ENV) $(BIN)/python flows/deploy.py --gpus $(GPUS)
 
 trigger: setup  ## run fer-pipeline/on-demand now (ARGS='-p epochs=1 -p dispatch=workers')
 	$(PREFECT_ENV) $(BIN)/prefect deployment run fer-pipeline/on-demand $(ARGS)
@@ -75,3 +78,19 @@ demo-workers: setup  ## two local workers share one run's trainings (own temp se
 
 test-flows: setup  ## the orchestration tests only (real Prefect server + worker, ~3 min)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q tests/flows
+
+# ---- team stores: PostgreSQL + S3 + MLflow server, as a team shares them (docs/team-stores.md) ----
+# The same code the tests start the stack with (tests/team_stack.py). Binds 127.0.0.1 only.
+TEAM_STACK ?= .team-stack
+TEAM_ENV = PATH="$(abspath $(BIN)):$$PATH" PYTHONPATH=tests
+
+.PHONY: team-stack team-stack-stop test-team-stores
+
+team-stack: setup  ## PostgreSQL + S3 (moto) + MLflow server (port MLFLOW_PORT) on 127.0.0.1, state in .team-stack/; prints the exports
+	$(TEAM_ENV) $(BIN)/python -m team_stack up --dir $(TEAM_STACK) --mlflow-port $(MLFLOW_PORT)
+
+team-stack-stop:  ## stop make team-stack's servers (its database and in-memory buckets go with them)
+	$(TEAM_ENV) $(BIN)/python -m team_stack down --dir $(TEAM_STACK)
+
+test-team-stores: setup  ## the team-stores test only (real PostgreSQL, S3, MLflow server; ~2.5 min)
+	$(TEAM_ENV) $(BIN)/python -m pytest -q tests/test_team_stores.py

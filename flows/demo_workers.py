@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     api = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ, PREFECT_HOME=str(tmp / "prefect"), PREFECT_API_URL=api,
                PREFECT_SERVER_ANALYTICS_ENABLED="false", FER_WORKSPACE_DIR=str(tmp / "ws"),
-               FER_PROJECT_DIR=str(ROOT), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+               # Workers clone the code (prefect.yaml's git_clone step): this checkout's
+               # committed HEAD, never a remote this machine may not reach.
+               FER_GIT_REPOSITORY=str(ROOT), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     os.environ.update(env)
     procs: list[subprocess.Popen] = []
 

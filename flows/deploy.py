@@ -5,7 +5,11 @@ Idempotent: creates the `gpu` process work pool (+ its `train` queue), sets the 
 nightly, on-demand and any added to that queue), sets the `gpu` tag concurrency limit, then runs
 `prefect deploy --all`. `make deploy` calls this.
 
-    python flows/deploy.py [--pool gpu] [--gpus 1]
+Workers clone the code of each run (prefect.yaml's pull steps) from FER_GIT_REPOSITORY at
+FER_GIT_BRANCH, read here: default this checkout's `origin` remote (else the checkout itself, a
+single-machine setup) and its current branch. Only committed code reaches the workers.
+
+    python flows/deploy.py [--pool gpu] [--gpus 1] [--repository URL] [--branch NAME]
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -28,12 +33,37 @@ def prefect(*args: str, check: bool = True, env: dict | None = None) -> subproce
     return res
 
 
+def _git(*args: str) -> str:
+    res = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    return res.stdout.strip() if res.returncode == 0 else ""
+
+
+def default_repository() -> str:
+    """This checkout's `origin` URL; without one, the checkout's own path (one machine)."""
+    return _git("remote", "get-url", "origin") or str(ROOT)
+
+
+def default_branch() -> str:
+    return _git("branch", "--show-current") or "main"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pool", default="gpu", help="work pool (default: %(default)s)")
     ap.add_argument("--gpus", type=int, default=int(os.environ.get("GPUS", "1")),
                     help="trainings allowed at once in the pool = GPUs in it (default: %(default)s)")
+    ap.add_argument("--repository", default=os.environ.get("FER_GIT_REPOSITORY"),
+                    help="git URL (or path) the workers clone (default: FER_GIT_REPOSITORY, else "
+                         "the origin remote, else this checkout)")
+    ap.add_argument("--branch", default=os.environ.get("FER_GIT_BRANCH"),
+                    help="branch they clone (default: FER_GIT_BRANCH, else the current branch)")
     args = ap.parse_args(argv)
+    repository = args.repository or default_repository()
+    branch = args.branch or default_branch()
+    url = urlparse(repository)
+    if url.scheme in ("http", "https") and (url.username or url.password):
+        raise SystemExit("the repository URL holds credentials: give the URL without them and "
+                         "the token through a Secret block (docs/security.md)")
     if args.pool != "gpu":
         raise SystemExit("prefect.yaml names the pool `gpu`; edit it to use another pool")
 
@@ -51,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     prefect("concurrency-limit", "create", "gpu", str(args.gpus))
     print(f"concurrency limit: tag gpu = {args.gpus} training(s) at once")
 
-    env = dict(os.environ, FER_PROJECT_DIR=os.environ.get("FER_PROJECT_DIR") or str(ROOT))
+    env = dict(os.environ, FER_GIT_REPOSITORY=repository, FER_GIT_BRANCH=branch)
+    print(f"workers clone {repository} (branch {branch}) for each run")
+    if not args.repository and _git("status", "--porcelain", "--untracked-files=no"):
+        print("note: this checkout has uncommitted changes; workers run the committed code")
     out = prefect("deploy", "--all", env=env)
     print(out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "deployed")
     print(prefect("deployment", "ls").stdout)

@@ -6,7 +6,8 @@ list comes from dvc.yaml (`dvc stage list`), so a new stage or a new `models.<na
 params.yaml shows up here without a code change. Items of a foreach stage (train@<model>)
 run concurrently, each in its own workspace (see fer_pipeline.orchestrate), either in this
 flow run's threads (dispatch="local") or as `fer-train` flow runs that any worker of the
-`gpu` pool picks up (dispatch="workers"). Design notes: docs/orchestration.md.
+`gpu` pool picks up (dispatch="workers"). Design notes: docs/orchestration.md; what a flow
+parameter may not ask of a worker, and the failure alert: docs/security.md.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 
 from fer_pipeline import orchestrate as orch
 from fer_pipeline import params as P
@@ -38,6 +39,12 @@ GPU_TAG = "gpu"
 RUN_INFO = ".fer-run.json"       # written by fer-train into its workspace
 RETRIES = int(os.environ.get("FER_STAGE_RETRIES", "2"))
 RETRY_DELAY_S = float(os.environ.get("FER_STAGE_RETRY_DELAY_S", "30"))
+# dispatch="workers": how long a fer-train run may wait for a worker to pick it up, and how long
+# it may take in all (a GPU slot held by another training counts), before the parent gives up.
+PICKUP_TIMEOUT_S = float(os.environ.get("FER_PICKUP_TIMEOUT_S", str(15 * 60)))
+TRAIN_TIMEOUT_S = float(os.environ.get("FER_TRAIN_TIMEOUT_S", str(24 * 3600)))
+ALERT_WEBHOOK_ENV = "FER_ALERT_WEBHOOK"            # URL that receives a JSON POST on a failure
+ALERT_SECRET_ENV = "FER_ALERT_WEBHOOK_SECRET"      # or: name of a Prefect Secret block holding it
 
 # Everything that touches the project's DVC state (status, reading stages, dvc commit) is done
 # by one thread at a time; the stages themselves run in parallel in their own workspaces.
@@ -86,7 +93,9 @@ def run_in_workspace(stage: str, workspace: str, project_dir: str, run_id: str) 
 @flow(name="fer-train", log_prints=True)
 def fer_train(stage: str, workspace: str, project_dir: str, run_id: str) -> dict[str, Any]:
     """One foreach item (e.g. train@vgg16) in a prepared workspace: the unit a `gpu` worker runs.
-    `project_dir` is the checkout (for its MLflow store)."""
+    `project_dir` is the checkout (for its MLflow store). Only a train@<model> item, only in a
+    workspace under FER_WORKSPACE_DIR (docs/security.md)."""
+    orch.check_train_inputs(stage, workspace)
     os.environ[orch.RUN_ID_ENV] = run_id
     started = time.time()
     # Who ran it, for the parent's report (the return value itself is not persisted), and on a
@@ -112,7 +121,8 @@ def _tagged(stage: str):
 @task(name="parallel-stage", task_run_name="{stage}", cache_policy=NO_CACHE, retries=RETRIES,
       retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=only_transient)
 def parallel_stage(stage: str, project_dir: str, run_id: str, dispatch: str,
-                   store_dir: str) -> dict[str, Any]:
+                   store_dir: str, pickup_timeout_s: float = PICKUP_TIMEOUT_S,
+                   train_timeout_s: float = TRAIN_TIMEOUT_S) -> dict[str, Any]:
     """A foreach item: skip if current; else run it in its own workspace (here or on a worker),
     then copy its outputs back and `dvc commit` them into the run copy's dvc.lock (nothing else
     writes the run copy, so what is committed is what the stage ran on)."""
@@ -126,10 +136,11 @@ def parallel_stage(stage: str, project_dir: str, run_id: str, dispatch: str,
         from prefect.deployments import run_deployment
 
         Path(ws, RUN_INFO).unlink(missing_ok=True)   # a retry must not read the last try's
-        child = run_deployment(TRAIN_DEPLOYMENT, timeout=None, poll_interval=2,
+        child = run_deployment(TRAIN_DEPLOYMENT, timeout=0,
                                parameters={"stage": stage, "workspace": ws,
                                            "project_dir": store_dir, "run_id": run_id},
                                flow_run_name=f"{stage}")
+        child = wait_for_child(stage, child.id, pickup_timeout_s, train_timeout_s)
         info_file = Path(ws, RUN_INFO)
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         if not child.state or not child.state.is_completed():
@@ -149,7 +160,98 @@ def parallel_stage(stage: str, project_dir: str, run_id: str, dispatch: str,
     return result
 
 
-@flow(name="fer-pipeline", log_prints=True)
+def wait_for_child(stage: str, child_id: Any, pickup_timeout_s: float,
+                   train_timeout_s: float, poll_s: float = 2.0) -> Any:
+    """The child fer-train run once final. Not picked up by a worker within `pickup_timeout_s`,
+    or not finished within `train_timeout_s`: it is cancelled (no orphan left in the queue for a
+    worker to start later) and the stage fails saying what to do."""
+    from prefect import get_client
+
+    started = time.monotonic()
+    with get_client(sync_client=True) as client:
+        while True:
+            child = client.read_flow_run(child_id)
+            waited = time.monotonic() - started
+            state = child.state
+            if state is not None and state.is_final():
+                return child
+            queued = state is None or state.is_scheduled() or state.is_pending()
+            if queued and waited > pickup_timeout_s:
+                why = (f"no worker picked up fer-train run {child.name} ({TRAIN_DEPLOYMENT}, "
+                       f"pool gpu, queue train) within {pickup_timeout_s:g}s. Start one on a GPU "
+                       f"machine: `make worker QUEUE=train` (prefect worker start --pool gpu "
+                       f"--work-queue train), or raise pickup_timeout_s / FER_PICKUP_TIMEOUT_S; "
+                       f"or run with dispatch=local. The run was cancelled")
+            elif waited > train_timeout_s:
+                why = (f"fer-train run {child.name} did not finish within {train_timeout_s:g}s "
+                       f"(train_timeout_s / FER_TRAIN_TIMEOUT_S); it was cancelled")
+            else:
+                time.sleep(poll_s)
+                continue
+            _cancel(client, child, why)
+            raise orch.StageFailed(stage, 1, [why])
+
+
+def _cancel(client: Any, child: Any, why: str) -> None:
+    """Cancel a child run: a queued one at once, a running one through its worker
+    (Cancelling: the worker stops the process)."""
+    from prefect.states import Cancelled, Cancelling
+
+    running = child.state is not None and child.state.is_running()
+    state = Cancelling(message=why) if running else Cancelled(message=why)
+    client.set_flow_run_state(child.id, state, force=True)
+
+
+def report_failure(flow: Any, run: Any, state: Any) -> None:
+    """on_failure/on_crashed hook: a log line, a `fer-pipeline-failure` artifact and, when
+    FER_ALERT_WEBHOOK (or the Secret block named by FER_ALERT_WEBHOOK_SECRET) is set, a JSON
+    POST to it. Never raises: a broken alert channel must not hide the run's own failure."""
+    from prefect.logging.loggers import flow_run_logger
+
+    logger = flow_run_logger(run, flow)
+    payload = {"flow": flow.name, "flow_run_name": run.name, "flow_run_id": str(run.id),
+               "deployment_id": str(run.deployment_id) if run.deployment_id else None,
+               "state": state.name, "message": state.message or "",
+               "parameters": run.parameters, "host": socket.gethostname()}
+    logger.error("fer-pipeline run %s ended %s: %s", run.name, state.name, payload["message"])
+    try:
+        create_markdown_artifact(
+            key="fer-pipeline-failure", description="fer-pipeline: the last failed run",
+            markdown=f"# fer-pipeline run {run.name}: {state.name}\n\n```\n"
+                     f"{payload['message']}\n```\n\nflow run id `{run.id}`")
+    except Exception as exc:  # noqa: BLE001 - reporting must not fail the hook
+        logger.warning("failure artifact not created: %s", exc)
+    url = _alert_url(logger)
+    if not url:
+        return
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(payload, default=str).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:   # noqa: S310 - URL from env
+            logger.info("failure alert sent (HTTP %s)", resp.status)
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("failure alert to the webhook failed: %s", exc)
+
+
+def _alert_url(logger: Any) -> str | None:
+    if os.environ.get(ALERT_WEBHOOK_ENV):
+        return os.environ[ALERT_WEBHOOK_ENV]
+    block = os.environ.get(ALERT_SECRET_ENV)
+    if not block:
+        return None
+    try:
+        from prefect.blocks.system import Secret
+
+        return str(Secret.load(block, _sync=True).get())
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("alert webhook Secret block %r not loaded: %s", block, exc)
+        return None
+
+
+@flow(name="fer-pipeline", log_prints=True, on_failure=[report_failure],
+      on_crashed=[report_failure])
 def fer_pipeline(
     project_dir: str | None = None,
     overrides: dict[str, Any] | None = None,
@@ -160,11 +262,14 @@ def fer_pipeline(
     dispatch: Literal["local", "workers"] = "local",
     save_experiment: bool = True,
     adopt: bool = True,
+    pickup_timeout_s: float | None = None,
+    train_timeout_s: float | None = None,
 ) -> dict[str, Any]:
     """Run dvc.yaml's stages.
 
     Args:
-        project_dir: the DVC project (default: FER_PROJECT_DIR or the working directory).
+        project_dir: the DVC project (default: FER_PROJECT_DIR or the working directory; in a
+            deployment run the working directory, i.e. the run's git clone).
         overrides: dotted params, e.g. {"models.vgg16.batch_size": 32}; like `dvc exp run -S`.
         models: train only these `models` keys (default: all of them).
         epochs: shortcut for models.<each selected>.epochs.
@@ -176,13 +281,29 @@ def fer_pipeline(
         adopt: bring the results back into the checkout's dvc.lock and outputs when the run had
             no overrides and the checkout has not changed since it started (else they stay in
             the experiment).
+        pickup_timeout_s: dispatch="workers": a training no worker picked up within this is
+            cancelled and fails the run (default FER_PICKUP_TIMEOUT_S or 15 minutes).
+        train_timeout_s: dispatch="workers": a training not finished within this is cancelled
+            and fails the run (default FER_TRAIN_TIMEOUT_S or 24 hours).
+
+    Parameters are checked before anything runs (docs/security.md): on a worker, project_dir
+    must lie in an allowed root; overrides may not set a path, server or command param; profile
+    is a name of profiles/*.yaml.
 
     The run works in its own copy of the project (`orchestrate.run_copy`, keyed by the flow run
     id): overrides are applied there, never to the checkout's params.yaml, so a kill, a crash
     or a second run at the same time cannot leave the checkout changed.
     """
     logger = get_run_logger()
-    root = str(Path(project_dir or os.environ.get("FER_PROJECT_DIR") or ".").resolve())
+    if deployment.id:
+        # Run by a worker, parameters from the API: the project is the run's clone (the working
+        # directory, prefect.yaml's pull steps) unless project_dir names an allowed one.
+        root = str(Path(project_dir or ".").resolve())
+        orch.check_project_dir(root, orch.allowed_project_roots())
+        orch.check_store_outlives(root)
+    else:
+        root = str(Path(project_dir or os.environ.get("FER_PROJECT_DIR") or ".").resolve())
+    orch.check_flow_inputs(overrides, profile, Path(root, "profiles"))
     run_id = _run_id()
     os.environ[orch.RUN_ID_ENV] = run_id
     git = git_info(root)
@@ -201,7 +322,9 @@ def fer_pipeline(
     changed = orch.apply_overrides(ws, params)
     for key, (old, new) in changed.items():
         logger.info("param %s: %r -> %r", key, old, new)
-    result = _run(ws, root, run_id, git, changed, models, dispatch, save_experiment)
+    timeouts = (PICKUP_TIMEOUT_S if pickup_timeout_s is None else pickup_timeout_s,
+                TRAIN_TIMEOUT_S if train_timeout_s is None else train_timeout_s)
+    result = _run(ws, root, run_id, git, changed, models, dispatch, save_experiment, timeouts)
     if adopt and not changed:
         orch.adopt_results(root, ws, [s["stage"] for s in result["stages"]
                                       if s["status"] == "ran"], log=logger.info)
@@ -213,7 +336,8 @@ def fer_pipeline(
 
 
 def _run(ws: str, root: str, run_id: str, git: dict[str, str], changed: dict[str, Any],
-         models: list[str] | None, dispatch: str, save_experiment: bool) -> dict[str, Any]:
+         models: list[str] | None, dispatch: str, save_experiment: bool,
+         timeouts: tuple[float, float] = (PICKUP_TIMEOUT_S, TRAIN_TIMEOUT_S)) -> dict[str, Any]:
     logger = get_run_logger()
     results: list[dict[str, Any]] = []
     for group in orch.stage_groups(ws):
@@ -223,7 +347,8 @@ def _run(ws: str, root: str, run_id: str, git: dict[str, str], changed: dict[str
         items = [s for s in group if not models or "@" not in s or s.split("@", 1)[1] in models]
         if items:
             orch.init_tracking_store(ws, orch.stage_env(root, run_id))
-        futures = [parallel_stage.submit(s, ws, run_id, dispatch, root) for s in items]
+        futures = [parallel_stage.submit(s, ws, run_id, dispatch, root, *timeouts)
+                   for s in items]
         wait(futures)
         failed = []
         for fut in futures:
@@ -241,6 +366,10 @@ def _run(ws: str, root: str, run_id: str, git: dict[str, str], changed: dict[str
     if save_experiment and git["commit"] != "unknown":
         experiment = orch.save_experiment(ws, f"prefect-{flow_run.name or run_id[:8]}")
         logger.info("DVC experiment: %s", experiment or "not saved (see `dvc exp save`)")
+    if deployment.id:
+        # The worker deletes this clone after the run: push what the team needs to find.
+        for problem in orch.keep_results(ws, experiment, log=logger.info):
+            logger.warning("results not kept: %s", problem)
 
     identity = {"prefect_flow_run": run_id, "flow_run_name": flow_run.name,
                 "mlflow_tag": f"pipeline_run_id = {run_id}", "git_commit": git["commit"],

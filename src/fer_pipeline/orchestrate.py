@@ -35,7 +35,7 @@ from fer_pipeline.champion import choose_champion
 from fer_pipeline.errors import ERROR_FILE_ENV, FerError, TransientError
 from fer_pipeline.io import write_text
 from fer_pipeline.profiles import load_profile
-from fer_pipeline.tracking import RUN_ID_ENV, resolve_tracking_uri
+from fer_pipeline.tracking import RUN_ID_ENV, portable_uri, resolve_tracking_uri
 
 __all__ = ["RUN_ID_ENV"]   # re-exported for the flows: the one run-id variable
 WORKSPACE_ENV = "FER_WORKSPACE_DIR"
@@ -513,6 +513,51 @@ def save_experiment(root: str | Path, name: str) -> str | None:
     return name
 
 
+def check_store_outlives(root: str | Path) -> None:
+    """A deployment run's project is a clone the worker deletes after the run: an MLflow store
+    inside it (params.yaml's default `sqlite:///mlflow.db`) would go with it, runs, registry
+    and champion. Refuse before anything trains, saying what to set."""
+    uri = stage_env(root)["MLFLOW_TRACKING_URI"]
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else \
+        uri[len("file://"):] if uri.startswith("file://") else None if "://" in uri else uri
+    if path and Path(path).resolve().is_relative_to(Path(root).resolve()):
+        raise FerError(
+            f"the MLflow store {portable_uri(uri, root)} lies inside this run's clone of the "
+            f"code, which the worker deletes after the run: set MLFLOW_TRACKING_URI in the "
+            f"worker's environment to the team's MLflow server (docs/team-stores.md) or to a "
+            f"store outside the clone (sqlite:////<absolute path>/mlflow.db)")
+
+
+def keep_results(ws: str | Path, experiment: str | None,
+                 log: Callable[[str], None] = print) -> list[str]:
+    """A deployment run works in a clone that the worker deletes after the run: its DVC outputs
+    go to the project's default DVC remote (`dvc push`) and its experiment to the clone's
+    `origin` (`dvc exp push`), where the team finds them (`dvc exp pull origin NAME`). Returns
+    what could not be kept, for the run's log and report (the trainings themselves succeeded)."""
+    problems = []
+    remote = dvc("remote", "default", cwd=ws, check=False).stdout.strip()
+    if not remote:
+        problems.append("no default DVC remote: this run's outputs (splits, models) are not kept "
+                        "once the clone is deleted; set one (`dvc remote default storage`, "
+                        "docs/team-stores.md)")
+    else:
+        res = dvc("push", "-q", cwd=ws, check=False)
+        if res.returncode != 0:
+            tail = " | ".join((res.stdout + res.stderr).strip().splitlines()[-5:])
+            problems.append(f"dvc push to {remote} failed: {tail}")
+        else:
+            log(f"outputs pushed to DVC remote {remote}")
+    if experiment:
+        res = dvc("exp", "push", "--no-cache", "origin", experiment, cwd=ws, check=False)
+        if res.returncode != 0:
+            tail = " | ".join((res.stdout + res.stderr).strip().splitlines()[-5:])
+            problems.append(f"dvc exp push origin {experiment} failed (the worker needs push "
+                            f"access to the repository): {tail}")
+        else:
+            log(f"DVC experiment {experiment} pushed to origin (`dvc exp pull origin {experiment}`)")
+    return problems
+
+
 def comparison_markdown(root: str | Path) -> str:
     """The evaluate stage's comparison (it names the champion); else a table of the training
     metrics with the best val_accuracy marked, so the artifact is useful before evaluate lands."""
@@ -543,3 +588,102 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4f}"
     return "" if v is None else str(v)
+
+
+# ---- what a flow parameter may ask of a worker (docs/security.md) ----
+# A deployment's parameters come from whoever can reach the Prefect API; a worker must not let
+# them point the pipeline at another folder, another store or another file. Keys by name:
+PROJECT_ROOTS_ENV = "FER_ALLOWED_PROJECT_ROOTS"   # os.pathsep-separated extra roots
+REFUSED_OVERRIDES = ("data.raw_dir", "train.models_dir", "train.reports_dir", "train.state_dir",
+                     "mlflow.tracking_uri", "evaluate.test_path", "evaluate.val_path",
+                     "evaluate.reports_dir", "predict.release_dir", "serve.*", "models.*.weights")
+# ...and by shape, so a path param added later is refused without editing the list above.
+_PATH_LIKE = re.compile(r"(^|[._])(dir|path|paths|uri|url|file|files|host|command|cmd)$")
+_SAFE_WEIGHTS = {"imagenet", None}                  # models.*.weights: no path, no URL
+_PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def allowed_project_roots(cwd: str | Path | None = None) -> list[Path]:
+    """Where a flow run's project may be: its working directory (the per-run git clone on a
+    worker), FER_PROJECT_DIR and the roots listed in FER_ALLOWED_PROJECT_ROOTS."""
+    roots = [Path(cwd or os.getcwd())]
+    if os.environ.get("FER_PROJECT_DIR"):
+        roots.append(Path(os.environ["FER_PROJECT_DIR"]))
+    roots += [Path(p) for p in os.environ.get(PROJECT_ROOTS_ENV, "").split(os.pathsep) if p]
+    return [r.expanduser().resolve() for r in roots]
+
+
+def check_project_dir(project_dir: str | Path, roots: Iterable[Path]) -> Path:
+    """The resolved project_dir when it lies inside one of `roots` (symlinks and `..` resolved
+    first); else a FerError naming the roots and how to allow another one."""
+    path = Path(project_dir).expanduser().resolve()
+    roots = list(roots)
+    if any(path == r or path.is_relative_to(r) for r in roots):
+        return path
+    raise FerError(f"project_dir {str(project_dir)!r} is outside the allowed roots "
+                   f"{[str(r) for r in roots]}: a flow run works in its working directory (the "
+                   f"run's git clone), FER_PROJECT_DIR or a root listed in {PROJECT_ROOTS_ENV} "
+                   f"(set on the worker, not by a flow parameter)")
+
+
+def _flat(overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"models": {"vgg16": {"weights": x}}} -> {"models.vgg16.weights": x}: a nested value
+    cannot hide a refused key."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def refused_override(key: str, value: Any) -> str | None:
+    """Why an override may not be set by a flow parameter, or None when it may."""
+    import fnmatch
+
+    if "/" in key or "\\" in key:
+        return "a key is a dotted param name, not a path"
+    if fnmatch.fnmatch(key, "models.*.weights"):
+        return None if value in _SAFE_WEIGHTS else \
+            "pretrained weights from a flow parameter can only be 'imagenet' (hash-checked) or null"
+    if any(fnmatch.fnmatch(key, pat) for pat in REFUSED_OVERRIDES) or _PATH_LIKE.search(key):
+        return "it names a file, folder, server or command on the worker"
+    return None
+
+
+def check_flow_inputs(overrides: dict[str, Any] | None, profile: str | None,
+                      profiles_dir: str | Path) -> None:
+    """Refuse, before anything runs, overrides that set a path/command-like param and a profile
+    that is not the name of a profiles/*.yaml (docs/security.md)."""
+    if overrides is not None and not isinstance(overrides, dict):
+        raise FerError(f"overrides must be a mapping of dotted params to values, "
+                       f"not {type(overrides).__name__}")
+    bad = {k: why for k, v in _flat(overrides or {}).items() if (why := refused_override(k, v))}
+    if bad:
+        raise FerError("override(s) refused: " + "; ".join(f"{k} ({why})" for k, why in
+                                                             sorted(bad.items()))
+                       + ". Change these in params.yaml (a commit) or the worker's environment, "
+                       "not through a flow parameter")
+    if profile is not None:
+        known = sorted(p.stem for p in Path(profiles_dir).glob("*.yaml"))
+        if not _PROFILE_NAME.fullmatch(profile) or profile not in known:
+            raise FerError(f"profile {profile!r} refused: it must be the name of one of "
+                           f"profiles/*.yaml {known}, not a path")
+
+
+_TRAIN_ITEM = re.compile(r"train@[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def check_train_inputs(stage: str, workspace: str | Path) -> Path:
+    """fer-train's parameters: `stage` is a train@<model> item (not any stage of any dvc.yaml)
+    and `workspace` one that prepare_workspace made, inside FER_WORKSPACE_DIR's base."""
+    if not _TRAIN_ITEM.fullmatch(stage):
+        raise FerError(f"fer-train refuses stage {stage!r}: only train@<model> items run here")
+    base = _base_dir().resolve()
+    ws = Path(workspace).resolve()
+    if not ws.is_relative_to(base) or ws == base:
+        raise FerError(f"fer-train refuses workspace {str(workspace)!r}: workspaces live under "
+                       f"{base} ({WORKSPACE_ENV}, the same on the parent run and the workers)")
+    return ws

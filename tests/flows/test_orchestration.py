@@ -143,8 +143,23 @@ def test_failing_stage_fails_the_run_with_its_message(prefect_server, tmp_path):
     assert runs["validate"] == "FAILED" and "clean" not in runs
 
 
+def _code_repo(base: Path) -> Path:
+    """What the workers clone (prefect.yaml's git_clone): this checkout's flows/ and
+    prefect.yaml, committed (hermetic: not the checkout's origin, not its last commit)."""
+    code = base / "code"
+    shutil.copytree(ROOT / "flows", code / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "prefect.yaml", code / "prefect.yaml")
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"],
+                 ["-c", "user.email=t@fer", "-c", "user.name=t", "commit", "-qm", "code"]):
+        subprocess.run(["git", *args], cwd=code, check=True, capture_output=True)
+    return code
+
+
 def test_deployments_and_a_real_worker(prefect_server, tmp_path):
-    env = dict(os.environ, PREFECT_API_URL=prefect_server, FER_PROJECT_DIR=str(ROOT),
+    # The sandbox projects live under tmp_path: allowed on the worker by FER_ALLOWED_PROJECT_ROOTS
+    # (a flow parameter alone cannot point a worker at a folder, docs/security.md).
+    env = dict(os.environ, PREFECT_API_URL=prefect_server, FER_GIT_REPOSITORY=str(_code_repo(tmp_path)),
+               FER_GIT_BRANCH="main", FER_ALLOWED_PROJECT_ROOTS=str(tmp_path),
                PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     res = subprocess.run([sys.executable, "flows/deploy.py"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=180)

@@ -21,16 +21,21 @@ from pathlib import Path
 import keras
 
 from fer_pipeline.errors import FerError
+from fer_pipeline.io import md5_file
 from fer_pipeline.params import ModelParams
 from fer_pipeline.train.augment import augmentation_layers
 
 log = logging.getLogger(__name__)
 
+# The notop ImageNet files and their published MD5s (keras/src/applications/vgg16.py and
+# resnet.py, `file_hash`): a download or a cached copy with another hash is never loaded.
 IMAGENET_FILES = {
     "vgg16": ("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-              "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"),
+              "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/",
+              "6d6bbae143d832006294945121d1f1fc"),
     "resnet50": ("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                 "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"),
+                 "https://storage.googleapis.com/tensorflow/keras-applications/resnet/",
+                 "4d473c1dd8becc155b73f8504c6f6626"),
 }
 # "caffe" preprocessing of VGG16/ResNet50: BGR, minus the ImageNet channel means. The input is
 # gray replicated to 3 channels, so channel order does not matter.
@@ -66,15 +71,24 @@ def resolve_weights(arch: str, weights: str | None, name: str = "") -> str | Non
         if not path.is_file():
             raise WeightsUnavailable(f"{key}: weights file not found: {path}")
         return str(path)
-    fname, base_url = IMAGENET_FILES[arch]
+    fname, base_url, md5 = IMAGENET_FILES[arch]
     cached = keras_models_dir() / fname
     if cached.is_file():
+        found = md5_file(cached)
+        if found != md5:
+            raise WeightsUnavailable(
+                f"{key}: the cached ImageNet weights {cached} do not have the published hash "
+                f"(MD5 expected {md5}, found {found}): a partial download or another file. "
+                f"Delete it (the next run downloads it again) or replace it with the file from "
+                f"{base_url}{fname}; or set {key} to a local file you trust, or to null.")
         return str(cached)
-    # Not cached: try to download once, with a short timeout (works on a machine with internet).
+    # Not cached: try to download once, with a short timeout (works on a machine with internet);
+    # get_file checks the published hash and refuses a file that does not match.
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)
     try:
-        return keras.utils.get_file(fname, base_url + fname, cache_subdir="models")
+        return keras.utils.get_file(fname, base_url + fname, cache_subdir="models",
+                                    file_hash=md5, hash_algorithm="md5")
     except Exception as exc:  # noqa: BLE001 - any failure means: no weights here
         reason = f"{type(exc).__name__}: {exc}"
     finally:
@@ -82,8 +96,8 @@ def resolve_weights(arch: str, weights: str | None, name: str = "") -> str | Non
     raise WeightsUnavailable(
         f"{key} is 'imagenet' but the ImageNet weights for {arch} are not available: "
         f"they are not in the Keras cache ({cached}) and this machine cannot download them "
-        f"({reason}). Provide the file: copy {fname} (from {base_url}{fname}) to {cached} "
-        f"(or set KERAS_HOME), or set {key} to an explicit local path to the .h5 file; "
+        f"({reason}). Provide the file: copy {fname} (from {base_url}{fname}, MD5 {md5}) to "
+        f"{cached} (or set KERAS_HOME), or set {key} to an explicit local path to the .h5 file; "
         f"or set {key}: null to train without pretrained weights (recorded as pretrained=false)."
     )
 
