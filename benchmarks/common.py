@@ -13,8 +13,12 @@ import shlex
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fer_pipeline.tracking import git_info
+
+if TYPE_CHECKING:
+    from fer_pipeline.arrays import SplitArrays
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("results.md")
@@ -73,3 +77,17 @@ def append_results(title: str, body_markdown: str, command: str | None = None,
     with results.open("a") as fh:
         fh.write(section)
     return section
+
+
+def capped(arrays: SplitArrays, cap: int, seed: int = 0) -> SplitArrays:
+    """At most `cap` images per class of a split (SplitArrays), drawn at random (seeded)."""
+    import numpy as np
+
+    from fer_pipeline.arrays import SplitArrays
+
+    rng = np.random.default_rng(seed)
+    keep = np.concatenate([rng.permutation(np.flatnonzero(arrays.y == c))[:cap]
+                           for c in np.unique(arrays.y)])
+    keep.sort()
+    return SplitArrays(arrays.x[keep], arrays.y[keep], arrays.ids[keep], arrays.origin[keep],
+                       arrays.classes)

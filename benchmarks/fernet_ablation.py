@@ -20,10 +20,9 @@ from datetime import datetime
 from pathlib import Path
 
 import common
-import numpy as np
 
 from fer_pipeline import params as P
-from fer_pipeline.arrays import PROCESSED_DIR, SplitArrays, load_split, save_split, split_path
+from fer_pipeline.arrays import PROCESSED_DIR, load_split, save_split, split_path
 from fer_pipeline.evaluate.metrics import predict_proba
 
 M = "models.fernet"
@@ -37,14 +36,6 @@ VARIANTS: dict[str, dict] = {
         f"{M}.weight_decay": 0.0},
 }
 
-
-def capped(arrays: SplitArrays, cap: int, seed: int = 0) -> SplitArrays:
-    rng = np.random.default_rng(seed)
-    keep = np.concatenate([rng.permutation(np.flatnonzero(arrays.y == c))[:cap]
-                           for c in np.unique(arrays.y)])
-    keep.sort()
-    return SplitArrays(arrays.x[keep], arrays.y[keep], arrays.ids[keep], arrays.origin[keep],
-                       arrays.classes)
 
 
 def main() -> None:
@@ -68,7 +59,7 @@ def main() -> None:
                 if not args.only or name in args.only}   # every variant checked before training
     tmp = Path(tempfile.mkdtemp(prefix="fer-ablation-"))
     save_split(split_path(tmp, "train"),
-               capped(load_split(split_path(args.processed, "train")), args.cap))
+               common.capped(load_split(split_path(args.processed, "train")), args.cap))
     val = load_split(split_path(args.processed, "val"))
     save_split(split_path(tmp, "val"), val)
     os.environ.setdefault("FER_PIPELINE_RUN_ID", f"ablation-{datetime.now():%Y%m%d-%H%M}")

@@ -18,20 +18,10 @@ import time
 from pathlib import Path
 
 import common
-import numpy as np
 
 from fer_pipeline import params as P
-from fer_pipeline.arrays import PROCESSED_DIR, SplitArrays, load_split, save_split, split_path
+from fer_pipeline.arrays import PROCESSED_DIR, load_split, save_split, split_path
 from fer_pipeline.profiles import load_profile
-
-
-def capped(arrays: SplitArrays, cap: int, seed: int = 0) -> SplitArrays:
-    rng = np.random.default_rng(seed)
-    keep = np.concatenate([rng.permutation(np.flatnonzero(arrays.y == c))[:cap]
-                           for c in np.unique(arrays.y)])
-    keep.sort()
-    return SplitArrays(arrays.x[keep], arrays.y[keep], arrays.ids[keep], arrays.origin[keep],
-                       arrays.classes)
 
 
 def main() -> None:
@@ -57,8 +47,8 @@ def main() -> None:
     mp = p.model(args.model)
     tmp = Path(tempfile.mkdtemp(prefix="fer-quick-probe-"))
     train_cap, val_cap = round(args.cap * 0.8), round(args.cap * 0.2)
-    train = capped(load_split(split_path(args.processed, "train")), train_cap)
-    val = capped(load_split(split_path(args.processed, "val")), val_cap, seed=1)
+    train = common.capped(load_split(split_path(args.processed, "train")), train_cap)
+    val = common.capped(load_split(split_path(args.processed, "val")), val_cap, seed=1)
     save_split(split_path(tmp, "train"), train)
     save_split(split_path(tmp, "val"), val)
     t0 = time.perf_counter()
