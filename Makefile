@@ -15,7 +15,7 @@ $(BIN)/fer: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
-setup: $(BIN)/fer  ## create .venv and install the project (about 2 minutes)
+setup: $(BIN)/fer  ## create .venv and install the project (about 4 minutes)
 
 data: setup  ## fetch the raw FER-2013 images from the team's DVC remote
 	$(BIN)/dvc pull data/raw/fer2013.dvc

@@ -525,7 +525,7 @@ def check_store_outlives(root: str | Path) -> None:
             f"the MLflow store {portable_uri(uri, root)} lies inside this run's clone of the "
             f"code, which the worker deletes after the run: set MLFLOW_TRACKING_URI in the "
             f"worker's environment to the team's MLflow server (docs/team-stores.md) or to a "
-            f"store outside the clone (sqlite:////<absolute path>/mlflow.db)")
+            f"store outside the clone (an absolute sqlite:/// URI)")
 
 
 def keep_results(ws: str | Path, experiment: str | None,
