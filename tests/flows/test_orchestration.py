@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
 from fer_pipeline.sandbox import ROOT, make_project
+from prefect_runs import finish_runs
 
 BIN = Path(sys.executable).parent
 
@@ -202,24 +202,8 @@ def test_deployments_and_a_real_worker(prefect_server, tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
 
-    async def wait_both():
-        async with get_client() as client:
-            for _ in range(300):
-                frs = [await client.read_flow_run(i) for i in (flow_run.id, nightly_run.id)]
-                if all(f.state and f.state.is_final() for f in frs):
-                    break
-                await asyncio.sleep(1)
-            return frs
-
-    try:
-        fr, nightly_fr = run(wait_both())
-    finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            log = worker.communicate(timeout=20)[0]
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            log = worker.communicate()[0]
+    (fr, nightly_fr), log = finish_runs(worker, [flow_run.id, nightly_run.id], timeout_s=300,
+                                        grace_s=20)
     assert fr.state.is_failed(), f"{fr.state}\n{log[-3000:]}"
     assert "data checks failed" in fr.state.message and "train/Sad/" in fr.state.message
     assert "test-worker" in log or fr.work_pool_name == "gpu"

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
 from fer_pipeline.sandbox import ROOT, make_project, sh
+from prefect_runs import finish_runs
 
 BIN = Path(sys.executable).parent
 MARKER = "fer-pipeline code loaded from"
@@ -143,24 +143,7 @@ def test_a_real_worker_clones_the_code_and_runs_the_flow_in_the_clone(deployed, 
                               env=deployed, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, start_new_session=True)
 
-    async def wait_final():
-        async with get_client() as client:
-            for _ in range(600):
-                frs = [await client.read_flow_run(f.id) for f in (good, refused)]
-                if all(f.state and f.state.is_final() for f in frs):
-                    return frs
-                await asyncio.sleep(1)
-            return frs
-
-    try:
-        fr, refused_fr = run(wait_final())
-    finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            log = worker.communicate(timeout=30)[0]
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            log = worker.communicate()[0]
+    (fr, refused_fr), log = finish_runs(worker, [good.id, refused.id], timeout_s=600, grace_s=30)
     assert fr.state.is_completed(), f"{fr.state}\n{log[-4000:]}"
     # The code came from a fresh clone: the entrypoint was loaded from it...
     loaded = re.findall(rf"{MARKER} (\S+)", log)
