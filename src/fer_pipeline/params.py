@@ -139,9 +139,11 @@ class ModelParams:
     conv_filters: list[int] = field(default_factory=lambda: [32, 64, 128, 512])
     dense_units: list[int] = field(default_factory=lambda: [887])
     dropout: float = 0.5
+    bn_momentum: float = 0.99               # BatchNormalization moving-statistics momentum (Keras default)
     input_size: int = 224                   # transfer models: side the 48x48 input is resized to
     weights: str | None = None              # imagenet | null | path to a local .h5/.keras file
     freeze_base: bool = True                # transfer models: base frozen, only the head trains
+    feature_norm: bool = False              # transfer models: BatchNormalization on the pooled features
     preprocessing: str = "rescale"          # rescale (x/255, the study) | base (network's own)
     augmentation: AugmentParams = field(default_factory=AugmentParams)
     class_weights: bool = False             # balanced class weights over the training split
@@ -158,6 +160,8 @@ class ModelParams:
             raise ParamsError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _choice("preprocessing", self.preprocessing, {"rescale", "base"})
         _choice("monitor", self.monitor, {"val_accuracy", "val_loss"})
+        if not 0.0 <= self.bn_momentum < 1.0:
+            raise ParamsError(f"bn_momentum must be in [0, 1), got {self.bn_momentum}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ParamsError("epochs and batch_size must be >= 1")
         if self.arch in TRANSFER_ARCHS and self.input_size < 32:
@@ -166,6 +170,25 @@ class ModelParams:
     @property
     def is_transfer(self) -> bool:
         return self.arch in TRANSFER_ARCHS
+
+    def summary(self) -> str:
+        """The recipe in a few words for the comparison table: what a profile traded away (width,
+        learning rate, input size, what trains) shows next to the accuracy it bought."""
+        parts = [f"width {self.width:g}", f"{self.optimizer} {self.learning_rate:g}",
+                 f"batch {self.batch_size}"]
+        if self.lr_schedule == "cosine":
+            parts.append("cosine")
+        if self.is_transfer:
+            parts.append(f"{self.input_size} px")
+            parts.append("base frozen" if self.freeze_base else "base trained")
+            if self.feature_norm:
+                parts.append("features normed")
+        elif self.arch != "fernet" or self.dense_units:
+            parts.append("dense " + ("+".join(str(u) for u in self.dense_units) or "none"))
+        if self.bn_momentum != 0.99:
+            parts.append(f"BN momentum {self.bn_momentum:g}")
+        parts.append("augmented" if self.augmentation.enabled else "no augmentation")
+        return ", ".join(parts)
 
     @property
     def uses_feature_cache(self) -> bool:

@@ -61,6 +61,8 @@ def test_evaluate_reports_mlflow_and_registry_lifecycle(eval_params, run_evaluat
     with (out / "comparison.csv").open() as fh:
         comp = {r["model"]: r for r in csv.DictReader(fh)}
     assert comp["small"]["pretrained"] == "False" and comp["small"]["champion"] == "True"
+    # The trade-offs of each recipe stand beside its accuracy (words: not a DVC metric).
+    assert comp["small"]["recipe"].startswith("width ") and "recipe" not in m
     md = (out / "comparison.md").read_text()
     assert "| **small** |" in md and "pretrained" in md and "img/s" in md
     assert "worst drop" in md and "ECE scaled" in md

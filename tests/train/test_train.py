@@ -333,3 +333,24 @@ def test_fernet_recipe_trains_with_smoothing_cosine_and_erasing(processed, tmp_p
     model = keras.saving.load_model(res.model_path)
     assert not any(layer.name.startswith("aug_") for layer in model.layers)
     assert model.predict(np.zeros((2, 48, 48, 1), np.float32), verbose=0).shape == (2, 7)
+
+
+def test_bn_momentum_and_feature_norm_reach_the_layers():
+    """The quick profile's short-run levers: BatchNormalization momentum (moving statistics
+    that follow a few hundred steps) and standardised features under a random frozen base."""
+    import keras
+
+    from fer_pipeline.train.models import build_model
+
+    keras.mixed_precision.set_global_policy("float32")
+    for arch in ("custom_cnn", "fernet"):
+        mp = P.ModelParams(arch=arch, width=0.125, bn_momentum=0.9)
+        bns = [la for la in build_model(mp, 7).model.layers
+               if isinstance(la, keras.layers.BatchNormalization)]
+        assert bns and {la.momentum for la in bns} == {0.9}, arch
+    plain = P.ModelParams(arch="vgg16", input_size=32, dense_units=[8])
+    normed = P.ModelParams(arch="vgg16", input_size=32, dense_units=[8], feature_norm=True)
+    assert "feature_norm" not in [la.name for la in build_model(plain, 7).head.layers]
+    assert "feature_norm" in [la.name for la in build_model(normed, 7).head.layers]
+    with pytest.raises(ParamsError, match="bn_momentum"):
+        P.ModelParams(bn_momentum=1.0)

@@ -27,7 +27,8 @@ from fer_pipeline.plots import history_figure
 COMPARISON_COLUMNS = [
     ("model", "model"), ("arch", "arch"), ("pretrained", "pretrained"),
     ("trainable_params", "params"), ("epochs_run", "epochs"), ("best_epoch", "best epoch"),
-    ("train_seconds", "train s"), ("val_accuracy", "val acc"), ("test_accuracy", "test acc"),
+    ("train_images", "train images"), ("train_seconds", "train s"), ("val_accuracy", "val acc"),
+    ("test_accuracy", "test acc"),
     ("test_accuracy_public", "PublicTest acc"), ("test_accuracy_private", "PrivateTest acc"),
     ("test_accuracy_clean", "clean test acc"), ("test_macro_f1", "macro F1"),
     ("test_weighted_f1", "weighted F1"), ("test_top2_accuracy", "top-2 acc"),
@@ -35,6 +36,7 @@ COMPARISON_COLUMNS = [
     ("robust_worst_corruption", "worst corruption"),
     ("test_ece", "ECE"), ("test_ece_calibrated", "ECE scaled"), ("temperature", "T"),
     ("images_per_second", "img/s"), ("stale", "stale val data"), ("champion", "champion"),
+    ("recipe", "recipe"),
 ]
 
 

@@ -26,7 +26,7 @@ from fer_pipeline.tracking import data_hashes, setup_tracking
 log = logging.getLogger(__name__)
 
 TRAIN_KEYS = ("arch", "pretrained", "trainable_params", "epochs_run", "best_epoch",
-              "train_seconds", "val_accuracy")
+              "train_images", "train_seconds", "val_accuracy")
 
 
 @dataclass
@@ -171,10 +171,11 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
             tm = train_metrics[name]
             row: dict[str, Any] = {"model": name, "arch": mlflow_info[name].get("arch", models[name].arch)}
             row.update({k: tm.get(k) for k in TRAIN_KEYS if k != "arch"})
+            row["recipe"] = models[name].summary()   # the comparison's words, not a metric
             row.update({k: v for k, v in m.items() if k != "per_class"})
             row["images_per_second"] = round(pred.images_per_second, 1)
             results[name] = row
-            metrics_out[name] = {k: v for k, v in row.items() if k not in ("model", "arch")}
+            metrics_out[name] = {k: v for k, v in row.items() if k not in ("model", "arch", "recipe")}
             metrics_out[name]["per_class"] = m["per_class"]
             log.info("%s: test acc %.4f (public %s, private %s, clean %s), macro F1 %.4f, top-2 %.4f, "
                      "%.0f img/s", name, m["test_accuracy"], _f(m["test_accuracy_public"]),

@@ -113,7 +113,7 @@ def build_custom_cnn(mp: ModelParams, num_classes: int, image_size: int = 48,
     for i, f in enumerate(mp.conv_filters):
         x = keras.layers.Conv2D(_units(f, mp.width), 3, padding="same", use_bias=False,
                                 name=f"conv{i + 1}")(x)
-        x = keras.layers.BatchNormalization(name=f"bn{i + 1}")(x)
+        x = keras.layers.BatchNormalization(momentum=mp.bn_momentum, name=f"bn{i + 1}")(x)
         x = keras.layers.Activation("relu", name=f"relu{i + 1}")(x)
         if i > 0:
             x = keras.layers.MaxPooling2D(2, name=f"pool{i + 1}")(x)
@@ -165,6 +165,10 @@ def build_transfer(mp: ModelParams, num_classes: int, image_size: int = 48,
 
     feat = keras.Input((int(x.shape[-1]),), name="features")
     h = feat
+    if mp.feature_norm:
+        # Without ImageNet weights the frozen base's pooled features are tiny and uneven in
+        # scale (He-less random init through 13-50 layers); standardising them lets the head learn.
+        h = keras.layers.BatchNormalization(momentum=mp.bn_momentum, name="feature_norm")(h)
     for i, u in enumerate(mp.dense_units):
         h = keras.layers.Dense(_units(u, mp.width), activation="relu", name=f"dense{i + 1}")(h)
         h = keras.layers.Dropout(mp.dropout, name=f"dense_drop{i + 1}")(h)
@@ -193,7 +197,8 @@ def build_fernet(mp: ModelParams, num_classes: int, image_size: int = 48,
         for b in range(mp.blocks_per_stage):
             x = keras.layers.Conv2D(_units(f, mp.width), 3, padding="same", use_bias=False,
                                     name=f"s{s + 1}_conv{b + 1}")(x)
-            x = keras.layers.BatchNormalization(name=f"s{s + 1}_bn{b + 1}")(x)
+            x = keras.layers.BatchNormalization(momentum=mp.bn_momentum,
+                                                name=f"s{s + 1}_bn{b + 1}")(x)
             x = keras.layers.Activation("relu", name=f"s{s + 1}_relu{b + 1}")(x)
         x = keras.layers.MaxPooling2D(2, name=f"s{s + 1}_pool")(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)

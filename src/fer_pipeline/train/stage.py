@@ -127,7 +127,7 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
         metrics.update({
             "best_epoch": int(recipe.best_row(rows, mp.monitor)["epoch"]) + 1,
             "epochs_run": len(rows), "pretrained": built.pretrained, "trainable_params": n_params,
-            "train_seconds": round(train_seconds, 1),
+            "train_seconds": round(train_seconds, 1), "train_images": len(train),
             "seconds_per_epoch": round(sum(float(r["seconds"]) for r in rows) / len(rows), 2),
             # What it was trained and validated on: evaluate ranks only models whose val split
             # is the current one.
