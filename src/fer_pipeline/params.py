@@ -47,6 +47,7 @@ class DataParams:
     splits: list[str] = field(default_factory=lambda: ["train", "test"])
     image_size: int = 48
     max_per_class: int | None = None
+    max_test_per_class: int | None = None   # a smaller cap on the test folder (null: max_per_class)
 
 
 @dataclass(frozen=True)

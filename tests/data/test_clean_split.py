@@ -115,6 +115,11 @@ def test_split_is_seeded_and_capped(tmp_path, params_file, raw_tree):
     np.testing.assert_array_equal(a.ids, b.ids)
     assert len(load_split(tmp_path / "a/train.npz")) + len(a) == 7 * 5
     assert len(load_split(tmp_path / "a/test.npz")) == 7 * 4  # 4 < cap 5
+    # A test-only cap shrinks the test split and leaves train and val as they were.
+    run_split(tmp_path / "r.csv", tmp_path / "c", tmp_path / "c.json",
+              replace(data, max_test_per_class=2), p.clean, p.split)
+    assert len(load_split(tmp_path / "c/test.npz")) == 7 * 2
+    np.testing.assert_array_equal(load_split(tmp_path / "c/val.npz").ids, a.ids)
 
 
 def test_a_crash_while_writing_keeps_the_previous_good_output(tmp_path, params_file, raw_tree,

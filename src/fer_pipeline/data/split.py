@@ -38,7 +38,8 @@ def cap_per_class(df: pd.DataFrame, cap: int | None, seed: int) -> pd.DataFrame:
 def assign_splits(kept: pd.DataFrame, data: DataParams, params: SplitParams) -> dict[str, pd.DataFrame]:
     """Pure: which kept file goes to train, val or test."""
     train_folder = cap_per_class(kept[kept["split"] == "train"], data.max_per_class, params.seed)
-    test = cap_per_class(kept[kept["split"] == "test"], data.max_per_class, params.seed)
+    caps = [c for c in (data.max_per_class, data.max_test_per_class) if c is not None]
+    test = cap_per_class(kept[kept["split"] == "test"], min(caps) if caps else None, params.seed)
     counts = train_folder["label"].value_counts()
     too_small = counts[counts < 2]
     if len(train_folder) == 0 or len(too_small):
