@@ -10,6 +10,7 @@ import yaml
 
 from fer_pipeline import params as P
 from fer_pipeline.cli import main
+from fer_pipeline.profiles import load_profile
 from fer_pipeline.sandbox import ROOT
 
 RAW = P.load_raw(ROOT / "params.yaml")
@@ -89,3 +90,17 @@ def test_fer_run_rejects_a_misspelt_override_before_dvc_runs(capsys):
                  "-S", "models.fernt.epochs=1"]) == 1
     captured = capsys.readouterr()
     assert "did you mean models.fernet?" in captured.err and "$ dvc" not in captured.out
+
+
+def test_recipe_summary_names_what_a_profile_traded_away():
+    """The comparison table's `recipe` column: a profile's trade-offs in words."""
+    study = P.load(ROOT / "params.yaml")
+    quick = P.load(ROOT / "params.yaml", load_profile("quick", ROOT / "profiles"))
+    assert "dense 887 dropout 0.5" in study.model("custom_cnn").summary()
+    assert "rotation 40" in study.model("custom_cnn_aug").summary()
+    assert study.model("custom_cnn").summary().endswith("no augmentation")
+    small = quick.model("custom_cnn").summary()
+    assert small.startswith("width 0.25") and "dense 222 dropout 0," in small
+    assert "BN momentum 0.9" in small and "BN momentum" not in study.model("fernet").summary()
+    assert "features normed" in quick.model("vgg16").summary()
+    assert "class weights" in study.model("resnet50").summary()

@@ -112,6 +112,14 @@ class AugmentParams:
                     or self.zoom or self.horizontal_flip or self.contrast or self.random_erasing
                     or self.brightness or self.blur or self.noise)
 
+    def summary(self) -> str:
+        """The augmentations that are on, in words ("no augmentation" when none)."""
+        on = [f"{k.replace('_', ' ')} {v:g}" for k, v in dataclasses.asdict(self).items()
+              if not isinstance(v, (bool, str)) and v]
+        if self.horizontal_flip:
+            on.insert(0, "flip")
+        return "augmented: " + " ".join(on) if on else "no augmentation"
+
 
 @dataclass(frozen=True)
 class ReduceLRParams:
@@ -182,13 +190,18 @@ class ModelParams:
         if self.is_transfer:
             parts.append(f"{self.input_size} px")
             parts.append("base frozen" if self.freeze_base else "base trained")
+            if self.preprocessing == "base":
+                parts.append("caffe preprocessing")
             if self.feature_norm:
                 parts.append("features normed")
         elif self.arch != "fernet" or self.dense_units:
-            parts.append("dense " + ("+".join(str(u) for u in self.dense_units) or "none"))
+            units = [max(1, round(u * self.width)) for u in self.dense_units]
+            parts.append(f"dense {'+'.join(map(str, units)) or 'none'} dropout {self.dropout:g}")
         if self.bn_momentum != 0.99:
             parts.append(f"BN momentum {self.bn_momentum:g}")
-        parts.append("augmented" if self.augmentation.enabled else "no augmentation")
+        if self.class_weights:
+            parts.append("class weights")
+        parts.append(self.augmentation.summary())
         return ", ".join(parts)
 
     @property
