@@ -1,12 +1,16 @@
 """Ablation of the fifth model's recipe, measured on the validation split only.
 
-Each variant switches one idea of `models.fernet` off with the same overrides `dvc exp run -S
+Each variant changes `models.fernet` with the same overrides `dvc exp run -S
 models.fernet.<key>=...` takes, and trains with the project's own `train_model` on a reduced
 budget (a per-class cap of the training split and fewer epochs), so the table fits in minutes
-on a CPU. Runs go to the MLflow experiment `fer-ablation` (`--no-mlflow`: none). The test set
-is never read.
+on a CPU. Two sets: `recipe` switches one idea of the recipe off; `robust` adds the
+photometric augmentations (the robustness levers) one by one and together. `--suite N` also
+runs evaluate's corruption suite (params' `evaluate.robustness`) on N validation images, so a
+lever is judged on clean validation accuracy *and* its worst drop. Runs go to the MLflow
+experiment `fer-ablation` (`--no-mlflow`: none). The test set is never read.
 
     python benchmarks/fernet_ablation.py --cap 1000 --epochs 8     # appends to results.md
+    python benchmarks/fernet_ablation.py --variants robust --suite 1000 --cap 1500 --epochs 8
 """
 
 from __future__ import annotations
@@ -35,6 +39,17 @@ VARIANTS: dict[str, dict] = {
         f"{M}.optimizer": "adam", f"{M}.lr_schedule": "plateau", f"{M}.learning_rate": 1e-3,
         f"{M}.weight_decay": 0.0},
 }
+# Robustness levers (issue 15): the suite's photometric corruptions as training augmentation.
+A = f"{M}.augmentation"
+ROBUST: dict[str, dict] = {
+    "recipe as set": {},
+    "+ noise 16": {f"{A}.noise": 16.0},
+    "+ blur": {f"{A}.blur": 1.0},
+    "+ brightness 0.4, contrast 0.5": {f"{A}.brightness": 0.4, f"{A}.contrast": 0.5},
+    "+ all photometric": {f"{A}.noise": 16.0, f"{A}.blur": 1.0, f"{A}.brightness": 0.4,
+                          f"{A}.contrast": 0.5},
+}
+SETS = {"recipe": VARIANTS, "robust": ROBUST}
 
 
 
@@ -42,6 +57,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cap", type=int, default=1000, help="training images per class")
     ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--variants", dest="variant_set", choices=sorted(SETS), default="recipe",
+                    help="which variants: recipe ideas off, or robustness levers on")
+    ap.add_argument("--suite", type=int, default=0, metavar="N",
+                    help="also the corruption suite on N validation images (0: off)")
     ap.add_argument("--only", nargs="*", help="variant names to run")
     ap.add_argument("--params", type=Path, default=common.ROOT / "params.yaml")
     ap.add_argument("-S", "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -55,7 +74,8 @@ def main() -> None:
 
     base = {f"{M}.epochs": args.epochs, f"{M}.warmup_epochs": min(1, args.epochs - 1),
             **P.parse_overrides(args.sets)}
-    variants = {name: P.load(args.params, {**base, **ov}) for name, ov in VARIANTS.items()
+    variants = {name: P.load(args.params, {**base, **ov})
+                for name, ov in SETS[args.variant_set].items()
                 if not args.only or name in args.only}   # every variant checked before training
     tmp = Path(tempfile.mkdtemp(prefix="fer-ablation-"))
     save_split(split_path(tmp, "train"),
@@ -74,18 +94,40 @@ def main() -> None:
 
         model = keras.saving.load_model(res.model_path)
         flip = predict_proba(model, val.x, tta="flip").probs.argmax(1)
+        suite = suite_metrics(model, val, p.evaluate.robustness, args.suite)
         rows.append((name, res.metrics["val_accuracy"], float((flip == val.y).mean()),
-                     time.perf_counter() - t0))
+                     time.perf_counter() - t0, suite))
         print(rows[-1], flush=True)
-    full = rows[0][1] if rows and rows[0][0] == "full recipe" else None
-    lines = [f"- {args.cap} training images per class (of the train split), {args.epochs} epochs, "
-             f"full validation split ({len(val)} images); test set not read\n",
-             "| variant | val acc | val acc, flip TTA | vs full recipe | wall s |",
-             "|---|---|---|---|---|"]
-    for name, acc, acc_flip, secs in rows:
-        delta = f"{(acc - full) * 100:+.1f} pt" if full is not None else ""
-        lines.append(f"| {name} | {acc:.4f} | {acc_flip:.4f} | {delta} | {secs:.0f} |")
-    print(common.append_results("fernet ablation", "\n".join(lines), results=args.results))
+    first = rows[0][1] if rows else None
+    rp = next(iter(variants.values())).evaluate.robustness
+    lines = [f"- set `{args.variant_set}`: {args.cap} training images per class (of the train "
+             f"split), {args.epochs} epochs, full validation split ({len(val)} images); test set "
+             f"not read; overrides for every variant: {' '.join(args.sets) or 'none'}"]
+    if args.suite:
+        lines.append(f"- corruption suite on {min(args.suite, len(val))} validation images "
+                     f"(seed {rp.seed}), no TTA, mean over severities {rp.severities}")
+    cols = ["suite clean", "suite mean", "worst drop", *rp.corruptions] if args.suite else []
+    lines += ["", ("| variant | val acc | val acc, flip TTA | vs first row | wall s | "
+                   + "".join(f"{c} | " for c in cols)).rstrip(),
+              "|---|---|---|---|---|" + "---|" * len(cols)]
+    for name, acc, acc_flip, secs, suite in rows:
+        cells = ([f"{suite['robust_clean_accuracy']:.4f}", f"{suite['robust_mean_accuracy']:.4f}",
+                  f"{suite['robust_worst_drop'] * 100:.1f} pt ({suite['robust_worst_corruption']})",
+                  *(f"{suite[f'robust_{c}']:.4f}" for c in rp.corruptions)] if suite else [])
+        lines.append(f"| {name} | {acc:.4f} | {acc_flip:.4f} | {(acc - first) * 100:+.1f} pt | "
+                     f"{secs:.0f} |" + "".join(f" {c} |" for c in cells))
+    title = "fernet ablation" + (" (robustness levers)" if args.variant_set == "robust" else "")
+    print(common.append_results(title, "\n".join(lines), results=args.results))
+
+
+def suite_metrics(model, val, rp, n: int) -> dict | None:
+    """Evaluate's corruption suite on `n` validation images (None when n is 0)."""
+    if not n:
+        return None
+    from fer_pipeline.evaluate.metrics import robustness_suite
+
+    return robustness_suite(lambda xb: model.predict(xb, batch_size=256, verbose=0), val.x, val.y,
+                            rp.corruptions, rp.severities, n, rp.seed).metrics
 
 
 if __name__ == "__main__":
