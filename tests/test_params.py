@@ -104,3 +104,8 @@ def test_recipe_summary_names_what_a_profile_traded_away():
     assert "BN momentum 0.9" in small and "BN momentum" not in study.model("fernet").summary()
     assert "features normed" in quick.model("vgg16").summary()
     assert "class weights" in study.model("resnet50").summary()
+
+
+def test_a_cap_below_one_is_refused_by_name():
+    with pytest.raises(P.ParamsError, match="data.max_test_per_class must be null or >= 1"):
+        P.from_dict({"data": {"max_test_per_class": 0}})

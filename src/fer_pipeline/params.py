@@ -49,6 +49,12 @@ class DataParams:
     max_per_class: int | None = None
     max_test_per_class: int | None = None   # a smaller cap on the test folder (null: max_per_class)
 
+    def __post_init__(self) -> None:
+        for key in ("max_per_class", "max_test_per_class"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ParamsError(f"data.{key} must be null or >= 1, got {value}")
+
 
 @dataclass(frozen=True)
 class ValidateParams:
