@@ -186,6 +186,10 @@ class ModelParams:
     def is_transfer(self) -> bool:
         return self.arch in TRANSFER_ARCHS
 
+    def scaled(self, n: int) -> int:
+        """Filters or units after the width multiplier (at least one)."""
+        return max(1, round(n * self.width))
+
     def summary(self) -> str:
         """The recipe in a few words for the comparison table: what a profile traded away (width,
         learning rate, input size, what trains) shows next to the accuracy it bought."""
@@ -201,7 +205,7 @@ class ModelParams:
             if self.feature_norm:
                 parts.append("features normed")
         elif self.arch != "fernet" or self.dense_units:
-            units = [max(1, round(u * self.width)) for u in self.dense_units]
+            units = [self.scaled(u) for u in self.dense_units]
             parts.append(f"dense {'+'.join(map(str, units)) or 'none'} dropout {self.dropout:g}")
         if self.bn_momentum != 0.99:
             parts.append(f"BN momentum {self.bn_momentum:g}")

@@ -102,16 +102,12 @@ def resolve_weights(arch: str, weights: str | None, name: str = "") -> str | Non
     )
 
 
-def _units(n: int, width: float) -> int:
-    return max(1, round(n * width))
-
-
 def build_custom_cnn(mp: ModelParams, num_classes: int, image_size: int = 48,
                      seed: int | None = None) -> BuiltModel:
     inp = keras.Input((image_size, image_size, 1), name="image", dtype="float32")
     x = keras.layers.Rescaling(1.0 / 255, name="rescale")(inp)
     for i, f in enumerate(mp.conv_filters):
-        x = keras.layers.Conv2D(_units(f, mp.width), 3, padding="same", use_bias=False,
+        x = keras.layers.Conv2D(mp.scaled(f), 3, padding="same", use_bias=False,
                                 name=f"conv{i + 1}")(x)
         x = keras.layers.BatchNormalization(momentum=mp.bn_momentum, name=f"bn{i + 1}")(x)
         x = keras.layers.Activation("relu", name=f"relu{i + 1}")(x)
@@ -120,7 +116,7 @@ def build_custom_cnn(mp: ModelParams, num_classes: int, image_size: int = 48,
             x = keras.layers.Dropout(0.25, name=f"drop{i + 1}")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     for i, u in enumerate(mp.dense_units):
-        x = keras.layers.Dense(_units(u, mp.width), activation="relu", name=f"dense{i + 1}")(x)
+        x = keras.layers.Dense(mp.scaled(u), activation="relu", name=f"dense{i + 1}")(x)
         x = keras.layers.Dropout(mp.dropout, name=f"dense_drop{i + 1}")(x)
     out = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
                              name="predictions")(x)
@@ -170,7 +166,7 @@ def build_transfer(mp: ModelParams, num_classes: int, image_size: int = 48,
         # scale (He-less random init through 13-50 layers); standardising them lets the head learn.
         h = keras.layers.BatchNormalization(momentum=mp.bn_momentum, name="feature_norm")(h)
     for i, u in enumerate(mp.dense_units):
-        h = keras.layers.Dense(_units(u, mp.width), activation="relu", name=f"dense{i + 1}")(h)
+        h = keras.layers.Dense(mp.scaled(u), activation="relu", name=f"dense{i + 1}")(h)
         h = keras.layers.Dropout(mp.dropout, name=f"dense_drop{i + 1}")(h)
     h = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
                            name="predictions")(h)
@@ -195,7 +191,7 @@ def build_fernet(mp: ModelParams, num_classes: int, image_size: int = 48,
     x = keras.layers.Rescaling(1.0 / 255, name="rescale")(inp)
     for s, f in enumerate(mp.conv_filters):
         for b in range(mp.blocks_per_stage):
-            x = keras.layers.Conv2D(_units(f, mp.width), 3, padding="same", use_bias=False,
+            x = keras.layers.Conv2D(mp.scaled(f), 3, padding="same", use_bias=False,
                                     name=f"s{s + 1}_conv{b + 1}")(x)
             x = keras.layers.BatchNormalization(momentum=mp.bn_momentum,
                                                 name=f"s{s + 1}_bn{b + 1}")(x)
@@ -204,7 +200,7 @@ def build_fernet(mp: ModelParams, num_classes: int, image_size: int = 48,
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     for i, u in enumerate(mp.dense_units):
         x = keras.layers.Dropout(mp.dropout, name=f"dense_drop{i + 1}")(x)
-        x = keras.layers.Dense(_units(u, mp.width), activation="relu", name=f"dense{i + 1}")(x)
+        x = keras.layers.Dense(mp.scaled(u), activation="relu", name=f"dense{i + 1}")(x)
     x = keras.layers.Dropout(mp.dropout, name="head_drop")(x)
     out = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
                              name="predictions")(x)
