@@ -94,7 +94,7 @@ def main() -> None:
 
         model = keras.saving.load_model(res.model_path)
         flip = predict_proba(model, val.x, tta="flip").probs.argmax(1)
-        suite = suite_metrics(model, val, p.evaluate.robustness, args.suite)
+        suite = suite_metrics(model, val, p.evaluate, args.suite)
         rows.append((name, res.metrics["val_accuracy"], float((flip == val.y).mean()),
                      time.perf_counter() - t0, suite))
         print(rows[-1], flush=True)
@@ -120,14 +120,16 @@ def main() -> None:
     print(common.append_results(title, "\n".join(lines), results=args.results))
 
 
-def suite_metrics(model, val, rp, n: int) -> dict | None:
-    """Evaluate's corruption suite on `n` validation images (None when n is 0)."""
+def suite_metrics(model, val, ev: P.EvaluateParams, n: int) -> dict | None:
+    """Evaluate's corruption suite (its params, its batch size) on `n` validation images
+    (None when n is 0)."""
     if not n:
         return None
     from fer_pipeline.evaluate.metrics import robustness_suite
 
-    return robustness_suite(lambda xb: model.predict(xb, batch_size=256, verbose=0), val.x, val.y,
-                            rp.corruptions, rp.severities, n, rp.seed).metrics
+    rp = ev.robustness
+    return robustness_suite(lambda xb: model.predict(xb, batch_size=ev.batch_size, verbose=0),
+                            val.x, val.y, rp.corruptions, rp.severities, n, rp.seed).metrics
 
 
 if __name__ == "__main__":
