@@ -103,6 +103,8 @@ def test_recipe_summary_names_what_a_profile_traded_away():
     assert small.startswith("width 0.25") and "dense 222 dropout 0," in small
     assert "BN momentum 0.9" in small and "BN momentum" not in study.model("fernet").summary()
     assert "features normed" in quick.model("vgg16").summary()
+    assert "dropout 0.3" in study.model("fernet").summary()
+    assert "dropout 0," in quick.model("fernet").summary()
     assert "class weights" in study.model("resnet50").summary()
 
 

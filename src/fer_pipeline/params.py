@@ -207,6 +207,8 @@ class ModelParams:
         elif self.arch != "fernet" or self.dense_units:
             units = [self.scaled(u) for u in self.dense_units]
             parts.append(f"dense {'+'.join(map(str, units)) or 'none'} dropout {self.dropout:g}")
+        else:                                   # fernet: GAP -> dropout -> classifier
+            parts.append(f"dropout {self.dropout:g}")
         if self.bn_momentum != 0.99:
             parts.append(f"BN momentum {self.bn_momentum:g}")
         if self.class_weights:
