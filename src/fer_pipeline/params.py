@@ -155,6 +155,8 @@ class ModelParams:
     dense_units: list[int] = field(default_factory=lambda: [887])
     dropout: float = 0.5
     bn_momentum: float = 0.99               # BatchNormalization moving-statistics momentum (Keras default)
+    ema: float = 0.0                        # exponential moving average of the weights: 0 = off, else
+                                            # its momentum per step; validation and the kept model use it
     input_size: int = 224                   # transfer models: side the 48x48 input is resized to
     weights: str | None = None              # imagenet | null | path to a local .h5/.keras file
     freeze_base: bool = True                # transfer models: base frozen, only the head trains
@@ -177,6 +179,8 @@ class ModelParams:
         _choice("monitor", self.monitor, {"val_accuracy", "val_loss"})
         if not 0.0 <= self.bn_momentum < 1.0:
             raise ParamsError(f"bn_momentum must be in [0, 1), got {self.bn_momentum}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ParamsError(f"ema must be in [0, 1) (0 = off), got {self.ema}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ParamsError("epochs and batch_size must be >= 1")
         if self.arch in TRANSFER_ARCHS and self.input_size < 32:
@@ -211,6 +215,8 @@ class ModelParams:
             parts.append(f"dropout {self.dropout:g}")
         if self.bn_momentum != 0.99:
             parts.append(f"BN momentum {self.bn_momentum:g}")
+        if self.ema:
+            parts.append(f"EMA {self.ema:g}")
         if self.class_weights:
             parts.append("class weights")
         parts.append(self.augmentation.summary())

@@ -354,3 +354,39 @@ def test_bn_momentum_and_feature_norm_reach_the_layers():
     assert "feature_norm" in [la.name for la in build_model(normed, 7).head.layers]
     with pytest.raises(ParamsError, match="bn_momentum"):
         P.ModelParams(bn_momentum=1.0)
+
+
+def test_ema_validates_and_keeps_the_averaged_weights(processed, tmp_path, monkeypatch):
+    """`ema`: validation, the best-model keeper and the result use the moving average of the
+    weights, not the last step's. With a momentum of 1 - 1e-6 the average stays at the initial
+    weights while the raw ones move, so the kept model must be (nearly) the initial one: Keras
+    starts the average at the weights after the first step, at most one Adam step (the
+    learning rate) from the initial ones."""
+    import keras
+
+    from fer_pipeline.train.models import build_model
+    from fer_pipeline.train.stage import train_model
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    keras.mixed_precision.set_global_policy("float32")
+    recipe = {"arch": "fernet", "epochs": 2, "batch_size": 16, "width": 0.125,
+              "dense_units": [], "optimizer": "adamw", "learning_rate": 0.005}
+    moved = {}
+    for ema in (0.0, 1 - 1e-6):
+        mp, p = _params(tmp_path / str(ema), "fernet", {**recipe, "ema": ema})
+        res = train_model("fernet", mp, p.train, None, processed_dir=processed)
+        keras.utils.set_random_seed(p.train.seed)
+        init = build_model(mp, 7, seed=p.train.seed).model
+        kept = keras.saving.load_model(res.model_path)
+        moved[ema] = max(float(np.abs(a - b).max()) for a, b in
+                         zip(kept.get_weights(), init.get_weights(), strict=True)
+                         if a.shape == b.shape and a.ndim == 4)          # conv kernels
+        rows = list(csv.DictReader(res.history_path.open()))
+        # What was validated is what was kept (the swap happens before both).
+        best = max(float(r["val_accuracy"]) for r in rows)
+        assert res.metrics["val_accuracy"] == pytest.approx(best, abs=1e-6), ema
+    lr = recipe["learning_rate"]
+    assert moved[1 - 1e-6] <= 1.01 * lr < moved[0.0] / 5, moved
+    assert "EMA 0.999" in P.ModelParams(arch="fernet", ema=0.999).summary()
+    with pytest.raises(ParamsError, match="ema must be in"):
+        P.ModelParams(ema=1.0)

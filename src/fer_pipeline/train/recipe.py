@@ -33,13 +33,15 @@ def optimizer(mp: ModelParams, steps_per_epoch: int = 1) -> keras.optimizers.Opt
         lr = keras.optimizers.schedules.CosineDecay(
             lr / 10 if warmup else lr, total, alpha=0.01,
             warmup_target=lr if warmup else None, warmup_steps=warmup)
+    # Keras keeps the averaged weights in the optimizer; EmaSwap puts them in the model.
+    ema: dict[str, Any] = {"use_ema": True, "ema_momentum": mp.ema} if mp.ema else {}
     if mp.optimizer == "adamw":
-        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=mp.weight_decay)
+        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=mp.weight_decay, **ema)
     if mp.optimizer == "sgd":
         return keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True,
-                                    weight_decay=mp.weight_decay or None)
+                                    weight_decay=mp.weight_decay or None, **ema)
     cls = {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop}[mp.optimizer]
-    return cls(learning_rate=lr)
+    return cls(learning_rate=lr, **ema)
 
 
 def loss_and_targets(mp: ModelParams, n_classes: int
@@ -162,9 +164,63 @@ def crash_after_from_env() -> list[keras.callbacks.Callback]:
     return [CrashAfter(int(n))] if n else []
 
 
+class EmaSwap:
+    """Puts the optimizer's moving average of the weights (`ema` > 0) into the model for
+    validation and for everything that reads the weights at an epoch's end (best-model keeper,
+    early stopping), and the raw weights back before the next steps and the resume backup (so a
+    resumed run continues exactly). `first` goes first in the callback list, `last` after every
+    callback that should see the averaged weights. Keras' SwapEMAWeights cannot be split so."""
+
+    def __init__(self) -> None:
+        self.averaged = False     # whether the model holds the averaged weights now
+        self.first, self.last = _EmaIn(self), _EmaOut(self)
+
+    def swap(self, model: keras.Model) -> None:
+        opt = model.optimizer
+        opt = getattr(opt, "inner_optimizer", opt)            # LossScaleOptimizer (fp16)
+        # Private Keras attributes, as SwapEMAWeights uses them (keras 3.x).
+        for var, avg in zip(opt._trainable_variables, opt._model_variables_moving_average,
+                            strict=True):
+            raw = keras.ops.convert_to_numpy(var)
+            var.assign(keras.ops.convert_to_numpy(avg))
+            avg.assign(raw)
+        self.averaged = not self.averaged
+
+    def to(self, model: keras.Model, averaged: bool) -> None:
+        if self.averaged != averaged:
+            self.swap(model)
+
+
+class _EmaIn(keras.callbacks.Callback):
+    def __init__(self, ema: EmaSwap) -> None:
+        super().__init__()
+        self.ema = ema
+
+    def on_test_begin(self, logs=None):
+        self.ema.to(self.model, True)
+
+    def on_test_end(self, logs=None):
+        self.ema.to(self.model, False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.ema.to(self.model, True)
+
+
+class _EmaOut(_EmaIn):
+    def on_test_begin(self, logs=None):
+        pass
+
+    def on_test_end(self, logs=None):
+        pass
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.ema.to(self.model, False)
+
+
 def callbacks(mp: ModelParams, logger: EpochLogger, keeper: BestKeeper
               ) -> list[keras.callbacks.Callback]:
-    """The epoch logger and best-model keeper, then the schedule and early stopping."""
+    """The epoch logger and best-model keeper, then the schedule and early stopping; with `ema`
+    all of them see the averaged weights (validation included)."""
     out: list[keras.callbacks.Callback] = [logger, keeper]
     if mp.lr_schedule == "plateau":   # a cosine schedule owns the learning rate itself
         out.append(keras.callbacks.ReduceLROnPlateau(
@@ -173,4 +229,7 @@ def callbacks(mp: ModelParams, logger: EpochLogger, keeper: BestKeeper
     out.append(keras.callbacks.EarlyStopping(
         monitor=mp.monitor, mode=mode(mp.monitor), patience=mp.early_stopping_patience,
         restore_best_weights=True, verbose=1))
+    if mp.ema:
+        swap = EmaSwap()
+        out = [swap.first, *out, swap.last]
     return out
