@@ -108,15 +108,27 @@ class AugmentParams:
     brightness: float = 0.0        # max brightness shift, fraction of the 0..255 range
     blur: float = 0.0              # max Gaussian-blur strength (keras RandomGaussianBlur factor)
     noise: float = 0.0             # std of additive Gaussian noise, grey levels (0..255)
+    # Mixing images of a batch (targets mixed alike): alpha of the Beta(alpha, alpha) weight;
+    # 0 = off; both on: one of the two per batch, at random.
+    mixup: float = 0.0             # the whole images blended
+    cutmix: float = 0.0            # a rectangle of another image pasted in
 
     def __post_init__(self) -> None:
         _choice("fill_mode", self.fill_mode, {"constant", "nearest", "reflect", "wrap"})
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ParamsError(f"augmentation.mixup and .cutmix must be >= 0 (0 = off), got "
+                              f"{self.mixup} and {self.cutmix}")
 
     @property
     def enabled(self) -> bool:
         return bool(self.rotation or self.width_shift or self.height_shift or self.shear
                     or self.zoom or self.horizontal_flip or self.contrast or self.random_erasing
-                    or self.brightness or self.blur or self.noise)
+                    or self.brightness or self.blur or self.noise or self.mixes)
+
+    @property
+    def mixes(self) -> bool:
+        """mixup or CutMix on: the targets are mixed too (one-hot, not class indices)."""
+        return bool(self.mixup or self.cutmix)
 
     def summary(self) -> str:
         """The augmentations that are on, in words ("no augmentation" when none)."""

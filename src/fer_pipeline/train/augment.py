@@ -1,8 +1,10 @@
-"""Augmentation as Keras preprocessing layers (backend-neutral; active only in training)."""
+"""Augmentation as Keras preprocessing layers (backend-neutral; active only in training), and
+mixup/CutMix, which mix the targets too and so run where batches are made."""
 
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 from fer_pipeline.params import AugmentParams
 
@@ -55,3 +57,34 @@ def augmentation_layers(aug: AugmentParams, seed: int | None = None,
         for layer in layers:
             layer.supports_jit = True
     return layers
+
+
+class BatchMixer:
+    """mixup and CutMix on a training batch of float images and one-hot targets, in numpy so
+    every backend's feeder runs the same code. Each image is mixed with another of the batch
+    (a random permutation) with a weight lam ~ Beta(alpha, alpha) drawn per batch; CutMix
+    pastes a rectangle of about 1 - lam of the area and weighs the targets by the area pasted.
+    Geometric and photometric layers then act on the mixed image."""
+
+    def __init__(self, aug: AugmentParams, seed: int = 0) -> None:
+        self.mixup, self.cutmix = aug.mixup, aug.cutmix
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        perm = self.rng.permutation(len(x))
+        cut = bool(self.cutmix) and (not self.mixup or self.rng.random() < 0.5)
+        alpha = self.cutmix if cut else self.mixup
+        lam = float(self.rng.beta(alpha, alpha))
+        if cut:
+            h, w = x.shape[1:3]
+            ch, cw = round(h * np.sqrt(1 - lam)), round(w * np.sqrt(1 - lam))
+            cy, cx = int(self.rng.integers(h)), int(self.rng.integers(w))
+            y0, y1 = max(cy - ch // 2, 0), min(cy - ch // 2 + ch, h)
+            x0, x1 = max(cx - cw // 2, 0), min(cx - cw // 2 + cw, w)
+            x = x.copy()
+            x[:, y0:y1, x0:x1] = x[perm, y0:y1, x0:x1]
+            lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)     # the area actually pasted
+        else:
+            x = lam * x + (1.0 - lam) * x[perm]
+        return x, (lam * y + (1.0 - lam) * y[perm]).astype(np.float32)

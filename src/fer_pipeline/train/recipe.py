@@ -46,9 +46,10 @@ def optimizer(mp: ModelParams, steps_per_epoch: int = 1) -> keras.optimizers.Opt
 
 def loss_and_targets(mp: ModelParams, n_classes: int
                      ) -> tuple[Any, Any, Callable[[np.ndarray], np.ndarray]]:
-    """Sparse cross-entropy (the study), or one-hot targets with label smoothing. Returns
-    (loss, accuracy metric, function mapping int labels to the targets fit needs)."""
-    if not mp.label_smoothing:
+    """Sparse cross-entropy (the study), or one-hot targets with label smoothing or mixing
+    (mixup/CutMix mix the targets). Returns (loss, accuracy metric, function mapping int labels
+    to the targets fit needs)."""
+    if not mp.label_smoothing and not mp.augmentation.mixes:
         return "sparse_categorical_crossentropy", "accuracy", lambda y: y
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=mp.label_smoothing)
     eye = np.eye(n_classes, dtype=np.float32)

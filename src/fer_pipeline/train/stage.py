@@ -60,6 +60,7 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
 
     from fer_pipeline.train import recipe
     from fer_pipeline.train.artifacts import save_model
+    from fer_pipeline.train.augment import BatchMixer
     from fer_pipeline.train.data import make_dataset
     from fer_pipeline.train.models import build_model, trainable_params
     from fer_pipeline.train.precision import apply_policy
@@ -85,8 +86,9 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
     steps, val_steps = -(-len(train) // mp.batch_size), -(-len(val) // mp.batch_size)
     targets = recipe.compile_for_fit(fit_model, mp, n_classes, steps)
     # Endless datasets + explicit steps: one iterator per fit, not one per epoch.
+    mixer = BatchMixer(mp.augmentation, tp.seed) if mp.augmentation.mixes else None
     train_ds = make_dataset(xtr, targets(train.y), mp.batch_size, shuffle=True, seed=tp.seed,
-                            repeat=True)
+                            repeat=True, mixer=mixer)
     val_ds = make_dataset(xva, targets(val.y), mp.batch_size, repeat=True)
 
     # 6. Fit in the (new or resumed) run, keeping the best epoch's full model.
