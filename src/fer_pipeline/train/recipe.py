@@ -192,10 +192,14 @@ class EmaSwap:
             self.swap(model)
 
 
-class _EmaIn(keras.callbacks.Callback):
+class _EmaCallback(keras.callbacks.Callback):
     def __init__(self, ema: EmaSwap) -> None:
         super().__init__()
         self.ema = ema
+
+
+class _EmaIn(_EmaCallback):
+    """Averaged weights for validation and for the epoch-end callbacks after it."""
 
     def on_test_begin(self, logs=None):
         self.ema.to(self.model, True)
@@ -207,12 +211,8 @@ class _EmaIn(keras.callbacks.Callback):
         self.ema.to(self.model, True)
 
 
-class _EmaOut(_EmaIn):
-    def on_test_begin(self, logs=None):
-        pass
-
-    def on_test_end(self, logs=None):
-        pass
+class _EmaOut(_EmaCallback):
+    """Raw weights again for the next steps and the resume backup."""
 
     def on_epoch_end(self, epoch, logs=None):
         self.ema.to(self.model, False)
