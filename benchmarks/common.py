@@ -79,8 +79,9 @@ def append_results(title: str, body_markdown: str, command: str | None = None,
     return section
 
 
-def capped(arrays: SplitArrays, cap: int, seed: int = 0) -> SplitArrays:
-    """At most `cap` images per class of a split (SplitArrays), drawn at random (seeded)."""
+def capped(arrays: SplitArrays, cap: int | None, seed: int = 0) -> SplitArrays:
+    """At most `cap` images per class of a split (SplitArrays), drawn at random (seeded);
+    None keeps them all."""
     import numpy as np
 
     from fer_pipeline.arrays import SplitArrays

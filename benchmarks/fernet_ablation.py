@@ -4,7 +4,8 @@ Each variant changes `models.fernet` with the same overrides `dvc exp run -S
 models.fernet.<key>=...` takes, and trains with the project's own `train_model` on a reduced
 budget (a per-class cap of the training split and fewer epochs), so the table fits in minutes
 on a CPU. Two sets: `recipe` switches one idea of the recipe off; `robust` adds the
-photometric augmentations (the robustness levers) one by one and together. `--suite N` also
+photometric augmentations (the robustness levers) one by one and together; `levers` adds the
+champion's candidate levers (EMA, mixup, cutmix) one at a time. `--suite N` also
 runs evaluate's corruption suite (params' `evaluate.robustness`) on N validation images, so a
 lever is judged on clean validation accuracy *and* its worst drop. Runs go to the MLflow
 experiment `fer-ablation` (`--no-mlflow`: none). The test set is never read.
@@ -39,6 +40,13 @@ VARIANTS: dict[str, dict] = {
         f"{M}.optimizer": "adam", f"{M}.lr_schedule": "plateau", f"{M}.learning_rate": 1e-3,
         f"{M}.weight_decay": 0.0},
 }
+# Levers for the CPU champion (issue 14): each added alone to the recipe as set.
+LEVERS: dict[str, dict] = {
+    "recipe as set": {},
+    "+ EMA 0.999": {f"{M}.ema": 0.999},
+    "+ mixup 0.2": {f"{M}.augmentation.mixup": 0.2},
+    "+ cutmix 1.0": {f"{M}.augmentation.cutmix": 1.0},
+}
 # Robustness levers (issue 15): the suite's photometric corruptions as training augmentation.
 A = f"{M}.augmentation"
 ROBUST: dict[str, dict] = {
@@ -49,13 +57,14 @@ ROBUST: dict[str, dict] = {
     "+ all photometric": {f"{A}.noise": 16.0, f"{A}.blur": 1.0, f"{A}.brightness": 0.4,
                           f"{A}.contrast": 0.5},
 }
-SETS = {"recipe": VARIANTS, "robust": ROBUST}
+SETS = {"recipe": VARIANTS, "robust": ROBUST, "levers": LEVERS}
 
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cap", type=int, default=1000, help="training images per class")
+    ap.add_argument("--cap", type=int, default=1000,
+                    help="training images per class (0: the whole train split)")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--variants", dest="variant_set", choices=sorted(SETS), default="recipe",
                     help="which variants: recipe ideas off, or robustness levers on")
@@ -78,8 +87,10 @@ def main() -> None:
                 for name, ov in SETS[args.variant_set].items()
                 if not args.only or name in args.only}   # every variant checked before training
     tmp = Path(tempfile.mkdtemp(prefix="fer-ablation-"))
-    save_split(split_path(tmp, "train"),
-               common.capped(load_split(split_path(args.processed, "train")), args.cap))
+    print(f"workspace (models kept): {tmp}", flush=True)
+    train = common.capped(load_split(split_path(args.processed, "train")), args.cap or None)
+    save_split(split_path(tmp, "train"), train)
+    n_train = len(train)
     val = load_split(split_path(args.processed, "val"))
     save_split(split_path(tmp, "val"), val)
     os.environ.setdefault("FER_PIPELINE_RUN_ID", f"ablation-{datetime.now():%Y%m%d-%H%M}")
@@ -100,9 +111,11 @@ def main() -> None:
         print(rows[-1], flush=True)
     first = rows[0][1] if rows else None
     rp = next(iter(variants.values())).evaluate.robustness
-    lines = [f"- set `{args.variant_set}`: {args.cap} training images per class (of the train "
-             f"split), {args.epochs} epochs, full validation split ({len(val)} images); test set "
-             f"not read; overrides for every variant: {' '.join(args.sets) or 'none'}"]
+    cap = f"{args.cap} training images per class (of the train split)" if args.cap else \
+        "the whole train split"
+    lines = [f"- set `{args.variant_set}`: {cap} ({n_train} images), {args.epochs} epochs, "
+             f"full validation split ({len(val)} images); test set not read; overrides for "
+             f"every variant: {' '.join(args.sets) or 'none'}"]
     if args.suite:
         lines.append(f"- corruption suite on {min(args.suite, len(val))} validation images "
                      f"(seed {rp.seed}), no TTA, mean over severities {rp.severities}")
@@ -116,7 +129,8 @@ def main() -> None:
                   *(f"{suite[f'robust_{c}']:.4f}" for c in rp.corruptions)] if suite else [])
         lines.append(f"| {name} | {acc:.4f} | {acc_flip:.4f} | {(acc - first) * 100:+.1f} pt | "
                      f"{secs:.0f} |" + "".join(f" {c} |" for c in cells))
-    title = "fernet ablation" + (" (robustness levers)" if args.variant_set == "robust" else "")
+    title = "fernet ablation" + {"robust": " (robustness levers)",
+                                 "levers": " (champion levers)"}.get(args.variant_set, "")
     print(common.append_results(title, "\n".join(lines), results=args.results))
 
 
