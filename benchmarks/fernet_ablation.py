@@ -12,6 +12,8 @@ experiment `fer-ablation` (`--no-mlflow`: none). The test set is never read.
 
     python benchmarks/fernet_ablation.py --cap 1000 --epochs 8     # appends to results.md
     python benchmarks/fernet_ablation.py --variants robust --suite 1000 --cap 1500 --epochs 8
+    python benchmarks/fernet_ablation.py --variants levers --cap 0 --epochs 24 --only '+ EMA 0.999' \
+        --score release/model.keras --suite 2000 -S models.fernet.width=0.5   # full budget
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from datetime import datetime
 from pathlib import Path
 
 import common
+import numpy as np
 
 from fer_pipeline import params as P
-from fer_pipeline.arrays import PROCESSED_DIR, load_split, save_split, split_path
+from fer_pipeline.arrays import PROCESSED_DIR, SplitArrays, load_split, save_split, split_path
 from fer_pipeline.evaluate.metrics import predict_proba
 
 M = "models.fernet"
@@ -40,12 +43,16 @@ VARIANTS: dict[str, dict] = {
         f"{M}.optimizer": "adam", f"{M}.lr_schedule": "plateau", f"{M}.learning_rate": 1e-3,
         f"{M}.weight_decay": 0.0},
 }
-# Levers for the CPU champion (issue 14): each added alone to the recipe as set.
+# Levers for the CPU champion (issue 14): each added alone to the recipe as set. The refit row
+# changes the data, not a param: it trains on train + one half of val (stratified, seeded) for
+# the same epochs and is scored on the other half, which every row is also scored on.
+REFIT = "+ refit on train + val half A"
 LEVERS: dict[str, dict] = {
     "recipe as set": {},
     "+ EMA 0.999": {f"{M}.ema": 0.999},
     "+ mixup 0.2": {f"{M}.augmentation.mixup": 0.2},
     "+ cutmix 1.0": {f"{M}.augmentation.cutmix": 1.0},
+    REFIT: {},
 }
 # Robustness levers (issue 15): the suite's photometric corruptions as training augmentation.
 A = f"{M}.augmentation"
@@ -70,7 +77,10 @@ def main() -> None:
                     help="which variants: recipe ideas off, or robustness levers on")
     ap.add_argument("--suite", type=int, default=0, metavar="N",
                     help="also the corruption suite on N validation images (0: off)")
-    ap.add_argument("--only", nargs="*", help="variant names to run")
+    ap.add_argument("--only", nargs="*", help="variant names to run (none: only --score)")
+    ap.add_argument("--score", nargs="*", type=Path, default=[], metavar="MODEL",
+                    help="also score saved .keras models (e.g. an earlier full-budget run) as "
+                         "the first rows, on the same images, without training")
     ap.add_argument("--params", type=Path, default=common.ROOT / "params.yaml")
     ap.add_argument("-S", "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="extra override for every variant (e.g. models.fernet.width=0.25)")
@@ -85,53 +95,109 @@ def main() -> None:
             **P.parse_overrides(args.sets)}
     variants = {name: P.load(args.params, {**base, **ov})
                 for name, ov in SETS[args.variant_set].items()
-                if not args.only or name in args.only}   # every variant checked before training
+                if args.only is None or name in args.only}   # every variant checked before training
     tmp = Path(tempfile.mkdtemp(prefix="fer-ablation-"))
     print(f"workspace (models kept): {tmp}", flush=True)
     train = common.capped(load_split(split_path(args.processed, "train")), args.cap or None)
     save_split(split_path(tmp, "train"), train)
-    n_train = len(train)
     val = load_split(split_path(args.processed, "val"))
     save_split(split_path(tmp, "val"), val)
+    half_a, half_b = val_halves(val)
     os.environ.setdefault("FER_PIPELINE_RUN_ID", f"ablation-{datetime.now():%Y%m%d-%H%M}")
-    rows = []
+    rp = next(iter(variants.values())).evaluate.robustness if variants else \
+        P.load(args.params).evaluate.robustness
+
+    def score(name: str, model, secs: float | None, kept: str, refit: bool = False) -> None:
+        """One table row: full val (not for a refit model: half A was trained on), flip TTA,
+        half B (every row), the suite on val (not for a refit model)."""
+        probs = predict_proba(model, val.x, tta="none").probs.argmax(1)
+        flip = predict_proba(model, val.x, tta="flip").probs.argmax(1)
+        ev = next(iter(variants.values())).evaluate if variants else P.load(args.params).evaluate
+        rows.append({"name": name, "val": None if refit else float((probs == val.y).mean()),
+                     "flip": None if refit else float((flip == val.y).mean()),
+                     "half_b": float((probs[half_b] == val.y[half_b]).mean()),
+                     "flip_b": float((flip[half_b] == val.y[half_b]).mean()),
+                     "secs": secs, "kept": kept,
+                     "suite": None if refit else suite_metrics(model, val, ev, args.suite)})
+        print(rows[-1], flush=True)
+
+    import keras
+
+    rows: list[dict] = []
+    for path in args.score:
+        score(f"saved model `{path.name}` ({path.parent.name})",
+              keras.saving.load_model(path, compile=False), None, "-")
     for name, p in variants.items():
         t0 = time.perf_counter()
+        data = tmp
+        if name == REFIT:
+            data = tmp / "refit"
+            save_split(split_path(data, "train"), concat(train, subset(val, half_a)))
+            save_split(split_path(data, "val"), subset(val, half_b))
         mlflow = None if args.no_mlflow else dataclasses.replace(p.mlflow, experiment="fer-ablation")
-        res = train_model("fernet_ablation", p.model("fernet"), p.train, mlflow, processed_dir=tmp,
-                          models_dir=tmp / "models", reports_dir=tmp / "reports",
-                          state_dir=tmp / "state")
-        import keras
+        res = train_model("fernet_ablation", p.model("fernet"), p.train, mlflow, processed_dir=data,
+                          models_dir=data / "models", reports_dir=data / "reports",
+                          state_dir=data / "state")
+        kept = f"{res.metrics['best_epoch']}/{res.metrics['epochs_run']}"
+        score(name, keras.saving.load_model(res.model_path), time.perf_counter() - t0, kept,
+              refit=name == REFIT)
 
-        model = keras.saving.load_model(res.model_path)
-        flip = predict_proba(model, val.x, tta="flip").probs.argmax(1)
-        suite = suite_metrics(model, val, p.evaluate, args.suite)
-        rows.append((name, res.metrics["val_accuracy"], float((flip == val.y).mean()),
-                     time.perf_counter() - t0, suite))
-        print(rows[-1], flush=True)
-    first = rows[0][1] if rows else None
-    rp = next(iter(variants.values())).evaluate.robustness
+    base_row = next((r for r in rows if r["val"] is not None), None)
     cap = f"{args.cap} training images per class (of the train split)" if args.cap else \
         "the whole train split"
-    lines = [f"- set `{args.variant_set}`: {cap} ({n_train} images), {args.epochs} epochs, "
+    lines = [f"- set `{args.variant_set}`: {cap} ({len(train)} images), {args.epochs} epochs, "
              f"full validation split ({len(val)} images); test set not read; overrides for "
-             f"every variant: {' '.join(args.sets) or 'none'}"]
+             f"every variant: {' '.join(args.sets) or 'none'}",
+             f"- val half B: {len(half_b)} of the validation images (stratified, seed 0); the "
+             f"refit row trains on train + the other {len(half_a)} and is scored on B only; "
+             "kept = the epoch the stage kept (by val accuracy) / epochs run"]
     if args.suite:
         lines.append(f"- corruption suite on {min(args.suite, len(val))} validation images "
                      f"(seed {rp.seed}), no TTA, mean over severities {rp.severities}")
     cols = ["suite clean", "suite mean", "worst drop", *rp.corruptions] if args.suite else []
-    lines += ["", ("| variant | val acc | val acc, flip TTA | vs first row | wall s | "
-                   + "".join(f"{c} | " for c in cols)).rstrip(),
-              "|---|---|---|---|---|" + "---|" * len(cols)]
-    for name, acc, acc_flip, secs, suite in rows:
+    lines += ["", ("| variant | val acc | val acc, flip TTA | vs first row | val half B | "
+                   "half B, flip | kept | wall s | " + "".join(f"{c} | " for c in cols)).rstrip(),
+              "|---|---|---|---|---|---|---|---|" + "---|" * len(cols)]
+    for r in rows:
+        suite = r["suite"]
         cells = ([f"{suite['robust_clean_accuracy']:.4f}", f"{suite['robust_mean_accuracy']:.4f}",
                   f"{suite['robust_worst_drop'] * 100:.1f} pt ({suite['robust_worst_corruption']})",
-                  *(f"{suite[f'robust_{c}']:.4f}" for c in rp.corruptions)] if suite else [])
-        lines.append(f"| {name} | {acc:.4f} | {acc_flip:.4f} | {(acc - first) * 100:+.1f} pt | "
-                     f"{secs:.0f} |" + "".join(f" {c} |" for c in cells))
+                  *(f"{suite[f'robust_{c}']:.4f}" for c in rp.corruptions)] if suite else
+                 ["-"] * len(cols))
+        vs = (f"{(r['val'] - base_row['val']) * 100:+.1f} pt" if r["val"] is not None else
+              f"{(r['half_b'] - base_row['half_b']) * 100:+.1f} pt (B)") if base_row else "-"
+        lines.append(f"| {r['name']} | {fmt(r['val'])} | {fmt(r['flip'])} | {vs} | "
+                     f"{r['half_b']:.4f} | {r['flip_b']:.4f} | {r['kept']} | "
+                     f"{'-' if r['secs'] is None else round(r['secs'])} |"
+                     + "".join(f" {c} |" for c in cells))
     title = "fernet ablation" + {"robust": " (robustness levers)",
                                  "levers": " (champion levers)"}.get(args.variant_set, "")
     print(common.append_results(title, "\n".join(lines), results=args.results))
+
+
+def fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def val_halves(val: SplitArrays, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two stratified halves of the validation split (index arrays, seeded)."""
+    rng = np.random.default_rng(seed)
+    a, b = [], []
+    for c in np.unique(val.y):
+        idx = rng.permutation(np.flatnonzero(val.y == c))
+        a.append(idx[: len(idx) // 2])
+        b.append(idx[len(idx) // 2:])
+    return np.sort(np.concatenate(a)), np.sort(np.concatenate(b))
+
+
+def subset(s: SplitArrays, idx: np.ndarray) -> SplitArrays:
+    return SplitArrays(s.x[idx], s.y[idx], s.ids[idx], s.origin[idx], s.classes)
+
+
+def concat(a: SplitArrays, b: SplitArrays) -> SplitArrays:
+    return SplitArrays(np.concatenate([a.x, b.x]), np.concatenate([a.y, b.y]),
+                       np.concatenate([a.ids, b.ids]), np.concatenate([a.origin, b.origin]),
+                       a.classes)
 
 
 def suite_metrics(model, val, ev: P.EvaluateParams, n: int) -> dict | None:
