@@ -358,10 +358,10 @@ def test_bn_momentum_and_feature_norm_reach_the_layers():
 
 def test_ema_validates_and_keeps_the_averaged_weights(processed, tmp_path, monkeypatch):
     """`ema`: validation, the best-model keeper and the result use the moving average of the
-    weights, not the last step's. With a momentum of 1 - 1e-6 the average stays at the initial
-    weights while the raw ones move, so the kept model must be (nearly) the initial one: Keras
-    starts the average at the weights after the first step, at most one Adam step (the
-    learning rate) from the initial ones."""
+    weights, not the last step's, and BatchNorm statistics averaged alike. With a momentum of
+    1 - 1e-6 the average stays at the initial weights while the raw ones move, so the kept
+    model must be (nearly) the initial one: Keras starts the average at the weights after the
+    first step, at most one Adam step (the learning rate) from the initial ones."""
     import keras
 
     from fer_pipeline.train.models import build_model
@@ -371,7 +371,7 @@ def test_ema_validates_and_keeps_the_averaged_weights(processed, tmp_path, monke
     keras.mixed_precision.set_global_policy("float32")
     recipe = {"arch": "fernet", "epochs": 2, "batch_size": 16, "width": 0.125,
               "dense_units": [], "optimizer": "adamw", "learning_rate": 0.005}
-    moved = {}
+    moved, bn_moved = {}, {}
     for ema in (0.0, 1 - 1e-6):
         mp, p = _params(tmp_path / str(ema), "fernet", {**recipe, "ema": ema})
         res = train_model("fernet", mp, p.train, None, processed_dir=processed)
@@ -381,12 +381,18 @@ def test_ema_validates_and_keeps_the_averaged_weights(processed, tmp_path, monke
         moved[ema] = max(float(np.abs(a - b).max()) for a, b in
                          zip(kept.get_weights(), init.get_weights(), strict=True)
                          if a.shape == b.shape and a.ndim == 4)          # conv kernels
+        # BatchNorm's moving means go with the weights they were measured for (averaged too).
+        bn_moved[ema] = max(float(np.abs(keras.ops.convert_to_numpy(layer.moving_mean)).max())
+                            for layer in kept.layers
+                            if isinstance(layer, keras.layers.BatchNormalization))
         rows = list(csv.DictReader(res.history_path.open()))
         # What was validated is what was kept (the swap happens before both).
         best = max(float(r["val_accuracy"]) for r in rows)
         assert res.metrics["val_accuracy"] == pytest.approx(best, abs=1e-6), ema
     lr = recipe["learning_rate"]
     assert moved[1 - 1e-6] <= 1.01 * lr < moved[0.0] / 5, moved
+    # Initial moving means are 0; the average keeps the first step's (one BN update).
+    assert bn_moved[1 - 1e-6] < bn_moved[0.0] / 5, bn_moved
     assert "EMA 0.999" in P.ModelParams(arch="fernet", ema=0.999).summary()
     with pytest.raises(ParamsError, match="ema must be in"):
         P.ModelParams(ema=1.0)

@@ -169,19 +169,41 @@ class EmaSwap:
     """Puts the optimizer's moving average of the weights (`ema` > 0) into the model for
     validation and for everything that reads the weights at an epoch's end (best-model keeper,
     early stopping), and the raw weights back before the next steps and the resume backup (so a
-    resumed run continues exactly). `first` goes first in the callback list, `last` after every
-    callback that should see the averaged weights. Keras' SwapEMAWeights cannot be split so."""
+    resumed run continues from the raw weights). `first` goes first in the callback list, `last`
+    after every callback that should see the averaged weights. Keras' SwapEMAWeights cannot be
+    split so.
 
-    def __init__(self) -> None:
+    BatchNorm's moving statistics are averaged alongside (same momentum, after every step) and
+    swapped with the weights: the optimizer averages only trainable variables, and averaged
+    weights with the raw weights' statistics lost 1.0 pt of validation accuracy at the
+    24-epoch CPU budget (benchmarks/results.md 2026-11-29 18:00). After a resume that average
+    restarts from the current statistics (it spans the last ~1/(1 - ema) steps)."""
+
+    def __init__(self, momentum: float) -> None:
+        self.momentum = momentum
         self.averaged = False     # whether the model holds the averaged weights now
+        self.stats: list[tuple[Any, Any]] | None = None    # (BN statistic, its average)
         self.first, self.last = _EmaIn(self), _EmaOut(self)
+
+    def track(self, model: keras.Model) -> None:
+        """After a training step: fold the BatchNorm statistics into their average."""
+        if self.stats is None:
+            self.stats = [(v, keras.Variable(keras.ops.convert_to_numpy(v), trainable=False))
+                          for layer in _layers(model)
+                          if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+                          for v in (layer.moving_mean, layer.moving_variance)]
+            return                # the average starts at the first step's values, as Keras' does
+        m = self.momentum
+        for var, avg in self.stats:
+            avg.assign(m * avg + (1.0 - m) * var)
 
     def swap(self, model: keras.Model) -> None:
         opt = model.optimizer
         opt = getattr(opt, "inner_optimizer", opt)            # LossScaleOptimizer (fp16)
         # Private Keras attributes, as SwapEMAWeights uses them (keras 3.x).
-        for var, avg in zip(opt._trainable_variables, opt._model_variables_moving_average,
-                            strict=True):
+        pairs = list(zip(opt._trainable_variables, opt._model_variables_moving_average,
+                         strict=True)) + list(self.stats or [])
+        for var, avg in pairs:
             raw = keras.ops.convert_to_numpy(var)
             var.assign(keras.ops.convert_to_numpy(avg))
             avg.assign(raw)
@@ -192,6 +214,14 @@ class EmaSwap:
             self.swap(model)
 
 
+def _layers(model: keras.Layer) -> list[keras.Layer]:
+    """Every layer inside `model`, nested models included."""
+    out = []
+    for layer in getattr(model, "layers", []):
+        out += [layer, *_layers(layer)]
+    return out
+
+
 class _EmaCallback(keras.callbacks.Callback):
     def __init__(self, ema: EmaSwap) -> None:
         super().__init__()
@@ -200,6 +230,9 @@ class _EmaCallback(keras.callbacks.Callback):
 
 class _EmaIn(_EmaCallback):
     """Averaged weights for validation and for the epoch-end callbacks after it."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.ema.track(self.model)
 
     def on_test_begin(self, logs=None):
         self.ema.to(self.model, True)
@@ -231,6 +264,6 @@ def callbacks(mp: ModelParams, logger: EpochLogger, keeper: BestKeeper
         monitor=mp.monitor, mode=mode(mp.monitor), patience=mp.early_stopping_patience,
         restore_best_weights=True, verbose=1))
     if mp.ema:
-        swap = EmaSwap()
+        swap = EmaSwap(mp.ema)
         out = [swap.first, *out, swap.last]
     return out
