@@ -145,9 +145,10 @@ def main() -> None:
     base_row = next((r for r in rows if r["val"] is not None), None)
     cap = f"{args.cap} training images per class (of the train split)" if args.cap else \
         "the whole train split"
-    lines = [f"- set `{args.variant_set}`: {cap} ({len(train)} images), {args.epochs} epochs, "
-             f"full validation split ({len(val)} images); test set not read; overrides for "
-             f"every variant: {' '.join(args.sets) or 'none'}",
+    trained = (f"set `{args.variant_set}`: {cap} ({len(train)} images), {args.epochs} epochs, "
+               f"overrides for every variant: {' '.join(args.sets) or 'none'}") if variants \
+        else "no training: saved models scored"
+    lines = [f"- {trained}; full validation split ({len(val)} images); test set not read",
              f"- val half B: {len(half_b)} of the validation images (stratified, seed 0); the "
              f"refit row trains on train + the other {len(half_a)} and is scored on B only; "
              "kept = the epoch the stage kept (by val accuracy) / epochs run"]
