@@ -107,7 +107,8 @@ class AugmentParams:
     # Photometric robustness (issue: corruption suite); 0 = off, as in the study.
     brightness: float = 0.0        # max brightness shift, fraction of the 0..255 range
     blur: float = 0.0              # max Gaussian-blur strength (keras RandomGaussianBlur factor)
-    noise: float = 0.0             # std of additive Gaussian noise, grey levels (0..255)
+    noise: float = 0.0             # max std of additive Gaussian noise, grey levels (0..255),
+    #                                drawn per image from [0, noise]
     # Mixing images of a batch (targets mixed alike): alpha of the Beta(alpha, alpha) weight;
     # 0 = off; both on: one of the two per batch, at random.
     mixup: float = 0.0             # the whole images blended

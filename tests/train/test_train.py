@@ -285,7 +285,7 @@ def test_augmentation_compiles_on_jax_only():
 
 def test_photometric_augmentation_changes_images_in_training_only():
     """brightness / blur / noise (robustness levers): active when training, identity at
-    inference, values kept in 0..255."""
+    inference, values kept in 0..255; the noise strength varies per image."""
     import numpy as np
 
     from fer_pipeline.train.augment import augmentation_layers
@@ -305,6 +305,12 @@ def test_photometric_augmentation_changes_images_in_training_only():
         trained = run(True)
         assert trained.shape == x.shape and np.abs(trained - x).mean() > 0.5, key
         assert np.allclose(run(False), x, atol=1e-3), key
+        assert trained.min() >= 0 and trained.max() <= 255, key
+        if key == "noise":
+            # A strength per image in [0, noise]: some images nearly clean, others noisy
+            # (one std for all, as Keras' GaussianNoise does, never shows a clean face).
+            stds = (trained - x).reshape(len(x), -1).std(axis=1)
+            assert stds.max() <= 10.5 and stds.max() > 3 * stds.min(), stds
 
 
 def test_fernet_recipe_trains_with_smoothing_cosine_and_erasing(processed, tmp_path, monkeypatch):
