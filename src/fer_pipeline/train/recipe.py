@@ -176,7 +176,7 @@ class EmaSwap:
     BatchNorm's moving statistics are averaged alongside (same momentum, after every step) and
     swapped with the weights: the optimizer averages only trainable variables, and averaged
     weights with the raw weights' statistics lost 1.0 pt of validation accuracy at the
-    24-epoch CPU budget (benchmarks/results.md 2026-11-29 18:00). After a resume that average
+    24-epoch CPU budget (benchmarks/results.md 2026-11-29 16:35-18:27). After a resume that average
     restarts from the current statistics (it spans the last ~1/(1 - ema) steps)."""
 
     def __init__(self, momentum: float) -> None:
