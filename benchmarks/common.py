@@ -84,11 +84,16 @@ def capped(arrays: SplitArrays, cap: int | None, seed: int = 0) -> SplitArrays:
     None keeps them all."""
     import numpy as np
 
-    from fer_pipeline.arrays import SplitArrays
-
     rng = np.random.default_rng(seed)
     keep = np.concatenate([rng.permutation(np.flatnonzero(arrays.y == c))[:cap]
                            for c in np.unique(arrays.y)])
     keep.sort()
-    return SplitArrays(arrays.x[keep], arrays.y[keep], arrays.ids[keep], arrays.origin[keep],
+    return subset(arrays, keep)
+
+
+def subset(arrays: SplitArrays, idx) -> SplitArrays:
+    """The images of a split at these indices (classes kept)."""
+    from fer_pipeline.arrays import SplitArrays
+
+    return SplitArrays(arrays.x[idx], arrays.y[idx], arrays.ids[idx], arrays.origin[idx],
                        arrays.classes)

@@ -104,15 +104,14 @@ def main() -> None:
     save_split(split_path(tmp, "val"), val)
     half_a, half_b = val_halves(val)
     os.environ.setdefault("FER_PIPELINE_RUN_ID", f"ablation-{datetime.now():%Y%m%d-%H%M}")
-    rp = next(iter(variants.values())).evaluate.robustness if variants else \
-        P.load(args.params).evaluate.robustness
+    ev = next(iter(variants.values())).evaluate if variants else P.load(args.params).evaluate
+    rp = ev.robustness
 
     def score(name: str, model, secs: float | None, kept: str, refit: bool = False) -> None:
         """One table row: full val (not for a refit model: half A was trained on), flip TTA,
         half B (every row), the suite on val (not for a refit model)."""
         probs = predict_proba(model, val.x, tta="none").probs.argmax(1)
         flip = predict_proba(model, val.x, tta="flip").probs.argmax(1)
-        ev = next(iter(variants.values())).evaluate if variants else P.load(args.params).evaluate
         rows.append({"name": name, "val": None if refit else float((probs == val.y).mean()),
                      "flip": None if refit else float((flip == val.y).mean()),
                      "half_b": float((probs[half_b] == val.y[half_b]).mean()),
@@ -132,8 +131,8 @@ def main() -> None:
         data = tmp
         if name == REFIT:
             data = tmp / "refit"
-            save_split(split_path(data, "train"), concat(train, subset(val, half_a)))
-            save_split(split_path(data, "val"), subset(val, half_b))
+            save_split(split_path(data, "train"), concat(train, common.subset(val, half_a)))
+            save_split(split_path(data, "val"), common.subset(val, half_b))
         mlflow = None if args.no_mlflow else dataclasses.replace(p.mlflow, experiment="fer-ablation")
         res = train_model("fernet_ablation", p.model("fernet"), p.train, mlflow, processed_dir=data,
                           models_dir=data / "models", reports_dir=data / "reports",
@@ -189,10 +188,6 @@ def val_halves(val: SplitArrays, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
         a.append(idx[: len(idx) // 2])
         b.append(idx[len(idx) // 2:])
     return np.sort(np.concatenate(a)), np.sort(np.concatenate(b))
-
-
-def subset(s: SplitArrays, idx: np.ndarray) -> SplitArrays:
-    return SplitArrays(s.x[idx], s.y[idx], s.ids[idx], s.origin[idx], s.classes)
 
 
 def concat(a: SplitArrays, b: SplitArrays) -> SplitArrays:
