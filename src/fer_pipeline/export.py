@@ -7,7 +7,9 @@ Reads only what the pipeline left (reports/evaluate, reports/train, models/, rep
 reports/split) and params; writes `release/` whole or not at all (staged folder). The model is
 re-saved without optimizer state, and exported to ONNX (`keras.Model.export(format="onnx")`)
 for inference without TensorFlow; the ONNX file is checked against the Keras model on every
-test image (top-1 must agree, probabilities within ONNX_TOLERANCE) or the export fails.
+test image (top-1 must agree, probabilities within ONNX_TOLERANCE) or the export fails. A
+model trained under a mixed policy (bf16 CPUs, GPUs) is released as a float32 copy of its
+weights; how closely it agrees with the model as trained is recorded in the manifest.
 See fer_pipeline.release for the layout and who reads it.
 """
 
@@ -89,9 +91,12 @@ def export_release(models: dict[str, ModelParams], train: TrainParams, evaluate:
 
     out = Path(out_dir)
     with staged_dir(out) as work:
-        model = keras.saving.load_model(model_path, compile=False)
+        trained = keras.saving.load_model(model_path, compile=False)
+        model = as_float32(trained)
         model.save(work / MODEL_FILE)            # no optimizer state: smaller, inference only
         onnx = export_onnx(model, work / ONNX_FILE, Path(evaluate.test_path))
+        if model is not trained:
+            onnx["from_mixed_precision"] = agreement(trained, model, Path(evaluate.test_path))
         cm = _confusion(ev / "confusion" / f"{name}.csv", classes)
         manifest = {
             "name": registry.model_name, "model": name, "arch": models[name].arch,
@@ -132,6 +137,57 @@ def export_release(models: dict[str, ModelParams], train: TrainParams, evaluate:
         write_text(work / "MODEL_CARD.md", model_card(manifest, cm, _data_notes(Path(root))))
     log.info("released %s (v%s) to %s: %s, %.1f MB", name, version, out, MODEL_FILE,
              manifest["model_bytes"] / 1e6)
+    return out
+
+
+def _float32_policies(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if obj.get("class_name") == "DTypePolicy" and isinstance(obj.get("config"), dict):
+            return {**obj, "config": {**obj["config"], "name": "float32"}}
+        return {k: _float32_policies(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_float32_policies(v) for v in obj]
+    return obj
+
+
+def as_float32(model: Any) -> Any:
+    """`model` itself when it computes in float32, else a float32 copy with the same weights.
+
+    A model trained under a mixed policy (bf16 on AMX/AVX512-BF16 CPUs, fp16 on GPUs) keeps
+    its weights in float32 but computes in 16 bits; its ONNX graph mixes float16 and bfloat16
+    and ONNX Runtime refuses to load it. The float32 copy loses nothing and runs on every CPU."""
+    import keras
+
+    cfg = keras.saving.serialize_keras_object(model)
+    fixed = _float32_policies(cfg)
+    if fixed == cfg:
+        return model
+    copy = keras.saving.deserialize_keras_object(fixed)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def agreement(a: Any, b: Any, check_data: Path, batch: int = 512) -> dict[str, Any]:
+    """How far the model as trained (`a`) and its float32 copy (`b`) differ on a split (single
+    view): top-1 agreement, largest probability difference, and each one's accuracy."""
+    from fer_pipeline.arrays import load_split
+
+    split = load_split(check_data)
+    x, y = split.x, np.asarray(split.y)
+    pa = np.concatenate([a.predict(x[i:i + batch].astype(np.float32), verbose=0)
+                         for i in range(0, len(x), batch)]).astype(np.float32)
+    pb = np.concatenate([b.predict(x[i:i + batch].astype(np.float32), verbose=0)
+                         for i in range(0, len(x), batch)]).astype(np.float32)
+    policy = next((la.dtype_policy.name for la in a.layers
+                   if la.dtype_policy.name != "float32"), "float32")
+    out = {"trained_policy": policy, "images": int(len(x)),
+           "top1_agreement": float((pa.argmax(1) == pb.argmax(1)).mean()),
+           "max_abs_diff": float(np.abs(pa - pb).max()),
+           "accuracy_as_trained": float((pa.argmax(1) == y).mean()),
+           "accuracy_float32": float((pb.argmax(1) == y).mean())}
+    log.info("float32 copy vs the model as trained (%s), %d images, one view: top-1 agreement "
+             "%.4f, accuracy %.4f vs %.4f", policy, len(x), out["top1_agreement"],
+             out["accuracy_float32"], out["accuracy_as_trained"])
     return out
 
 
@@ -247,6 +303,13 @@ def model_card(man: dict[str, Any], cm: np.ndarray | None, data: dict[str, Any])
                   "val_accuracy", "test_accuracy", "test_accuracy_public", "test_accuracy_private",
                   "test_accuracy_clean")) + f" | {float(m.get('test_macro_f1', 0)):.3f} | "
               + _pct(m.get("test_top2_accuracy")) + " |", ""]
+    mixed = (man.get("onnx") or {}).get("from_mixed_precision")
+    if mixed:
+        lines += [f"Trained and evaluated in {mixed['trained_policy']}; released as a float32 "
+                  "copy of the same weights (runs on every CPU and in ONNX Runtime). On the "
+                  f"{mixed['images']:,} test images, one view: top-1 agreement "
+                  f"{_pct(mixed['top1_agreement'])}, accuracy {_pct(mixed['accuracy_float32'])} "
+                  f"(as trained: {_pct(mixed['accuracy_as_trained'])}).", ""]
     per_class = man.get("per_class") or {}
     if per_class:
         lines += ["| class | precision | recall | F1 | test images |", "|---|---|---|---|---|"]

@@ -187,3 +187,37 @@ def test_serve_without_model_or_store_answers_from_the_release(released, tmp_pat
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_a_mixed_precision_model_is_released_as_a_float32_copy(tmp_path):
+    """A model trained in bf16 (AMX/AVX512-BF16 CPUs) exports to an ONNX graph that ONNX Runtime
+    refuses (float16 and bfloat16 mixed in one op); the release takes a float32 copy of the same
+    weights, which exports and agrees with the model as trained."""
+    import keras
+
+    from fer_pipeline import params as P
+    from fer_pipeline.arrays import SplitArrays, save_split
+    from fer_pipeline.export import agreement, as_float32, export_onnx
+    from fer_pipeline.synthetic import make_arrays
+    from fer_pipeline.train.models import build_model
+
+    before = keras.mixed_precision.global_policy().name
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        trained = build_model(P.ModelParams(arch="fernet", width=0.125, dense_units=[]), 7,
+                              seed=0).model
+    finally:
+        keras.mixed_precision.set_global_policy(before)
+    x, y = make_arrays(28)
+    data = tmp_path / "test.npz"
+    save_split(data, SplitArrays(x, y, np.arange(len(y)).astype(str),
+                                 np.array(["PublicTest"] * len(y)), [str(c) for c in range(7)]))
+    copy = as_float32(trained)
+    assert copy is not trained and as_float32(copy) is copy
+    assert {la.dtype_policy.name for la in copy.layers} == {"float32"}
+    check = export_onnx(copy, tmp_path / "m.onnx", data)["check"]
+    assert check["top1_agreement"] == 1.0
+    report = agreement(trained, copy, data)
+    assert report["trained_policy"] == "mixed_bfloat16" and report["top1_agreement"] > 0.8
+    assert all(np.array_equal(a, b) for a, b in zip(trained.get_weights(), copy.get_weights(),
+                                                    strict=True))
