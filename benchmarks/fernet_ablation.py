@@ -54,8 +54,11 @@ LEVERS: dict[str, dict] = {
     "+ cutmix 1.0": {f"{M}.augmentation.cutmix": 1.0},
     REFIT: {},
 }
-# Robustness levers (issue 15): the suite's photometric corruptions as training augmentation.
+# Robustness levers (issue 15): the suite's photometric corruptions as training augmentation,
+# and per-image standardization, which makes dark/bright/contrast (affine maps of the pixels)
+# invisible to the network by construction.
 A = f"{M}.augmentation"
+STD = {f"{M}.preprocessing": "standardize"}
 ROBUST: dict[str, dict] = {
     "recipe as set": {},
     "+ noise 16": {f"{A}.noise": 16.0},
@@ -63,6 +66,10 @@ ROBUST: dict[str, dict] = {
     "+ brightness 0.4, contrast 0.5": {f"{A}.brightness": 0.4, f"{A}.contrast": 0.5},
     "+ all photometric": {f"{A}.noise": 16.0, f"{A}.blur": 1.0, f"{A}.brightness": 0.4,
                           f"{A}.contrast": 0.5},
+    "+ standardize": STD,
+    "+ standardize, noise 16": {**STD, f"{A}.noise": 16.0},
+    "+ standardize, noise 16, blur 1.0, rotation 20": {**STD, f"{A}.noise": 16.0,
+                                                       f"{A}.blur": 1.0, f"{A}.rotation": 20},
 }
 SETS = {"recipe": VARIANTS, "robust": ROBUST, "levers": LEVERS}
 

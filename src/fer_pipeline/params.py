@@ -174,7 +174,8 @@ class ModelParams:
     weights: str | None = None              # imagenet | null | path to a local .h5/.keras file
     freeze_base: bool = True                # transfer models: base frozen, only the head trains
     feature_norm: bool = False              # transfer models: BatchNormalization on the pooled features
-    preprocessing: str = "rescale"          # rescale (x/255, the study) | base (network's own)
+    preprocessing: str = "rescale"          # rescale (x/255, the study) | standardize (per image: mean 0,
+                                            # std 1; blind to brightness/contrast) | base (network's own)
     augmentation: AugmentParams = field(default_factory=AugmentParams)
     class_weights: bool = False             # balanced class weights over the training split
     monitor: str = "val_accuracy"           # best-model / early-stopping criterion
@@ -188,7 +189,7 @@ class ModelParams:
         _choice("lr_schedule", self.lr_schedule, {"plateau", "cosine"})
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ParamsError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        _choice("preprocessing", self.preprocessing, {"rescale", "base"})
+        _choice("preprocessing", self.preprocessing, {"rescale", "standardize", "base"})
         _choice("monitor", self.monitor, {"val_accuracy", "val_loss"})
         if not 0.0 <= self.bn_momentum < 1.0:
             raise ParamsError(f"bn_momentum must be in [0, 1), got {self.bn_momentum}")
@@ -230,6 +231,8 @@ class ModelParams:
             parts.append(f"BN momentum {self.bn_momentum:g}")
         if self.ema:
             parts.append(f"EMA {self.ema:g}")
+        if self.preprocessing == "standardize":
+            parts.append("per-image standardized")
         if self.class_weights:
             parts.append("class weights")
         parts.append(self.augmentation.summary())

@@ -362,6 +362,36 @@ def test_bn_momentum_and_feature_norm_reach_the_layers():
         P.ModelParams(bn_momentum=1.0)
 
 
+def test_standardize_makes_the_model_blind_to_brightness_and_contrast(tmp_path):
+    """preprocessing: standardize (robustness lever): the suite's dark, bright and contrast
+    corruptions are affine maps of the pixels, so a per-image standardized model gives the same
+    probabilities for them; x/255 does not. The saved model loads without custom objects."""
+    import keras
+
+    from fer_pipeline.corruptions import corrupt
+    from fer_pipeline.synthetic import make_arrays
+    from fer_pipeline.train.models import build_model
+
+    keras.mixed_precision.set_global_policy("float32")
+    x = make_arrays(6)[0].astype("float32")
+    for arch in ("custom_cnn", "fernet"):
+        diffs = {}
+        for prep in ("rescale", "standardize"):
+            mp = P.ModelParams(arch=arch, width=0.125, dense_units=[], preprocessing=prep)
+            model = build_model(mp, 7, seed=1).model
+            p = model.predict(x, verbose=0)
+            diffs[prep] = max(np.abs(model.predict(corrupt(x, c, 3), verbose=0) - p).max()
+                              for c in ("dark", "bright", "contrast"))
+        assert diffs["standardize"] < 1e-4 and diffs["rescale"] > 100 * diffs["standardize"] \
+            and diffs["rescale"] > 1e-3, (arch, diffs)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, compile=False)
+    assert np.allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    with pytest.raises(ParamsError, match="preprocessing"):
+        P.ModelParams(preprocessing="zscore")
+
+
 def test_ema_validates_and_keeps_the_averaged_weights(processed, tmp_path, monkeypatch):
     """`ema`: validation, the best-model keeper and the result use the moving average of the
     weights, not the last step's, and BatchNorm statistics averaged alike. With a momentum of

@@ -105,7 +105,7 @@ def resolve_weights(arch: str, weights: str | None, name: str = "") -> str | Non
 def build_custom_cnn(mp: ModelParams, num_classes: int, image_size: int = 48,
                      seed: int | None = None) -> BuiltModel:
     inp = keras.Input((image_size, image_size, 1), name="image", dtype="float32")
-    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(inp)
+    x = scale_pixels(inp, mp)
     for i, f in enumerate(mp.conv_filters):
         x = keras.layers.Conv2D(mp.scaled(f), 3, padding="same", use_bias=False,
                                 name=f"conv{i + 1}")(x)
@@ -122,6 +122,24 @@ def build_custom_cnn(mp: ModelParams, num_classes: int, image_size: int = 48,
                              name="predictions")(x)
     model = keras.Model(inp, out, name="custom_cnn")
     return BuiltModel(model, with_augmentation(model, mp, image_size, seed))
+
+
+STD_FLOOR = 1.0   # grey levels: the std of a (near-)flat image is not amplified beyond 1/this
+
+
+def scale_pixels(x, mp: ModelParams):
+    """0..255 pixels -> the network's input scale, per `mp.preprocessing` (not "base").
+
+    rescale: x / 255 (the study). standardize: each image to mean 0 and std 1, so the network
+    sees the same input for a face made darker, brighter (towards white) or flatter: those are
+    affine maps of the pixels, which standardizing undoes exactly (the corruption suite's dark,
+    bright and contrast columns). Built from keras.ops on the symbolic tensor, so the saved model
+    needs no custom class to load (Keras, MLflow, ONNX)."""
+    if mp.preprocessing == "standardize":
+        mean = keras.ops.mean(x, axis=(1, 2, 3), keepdims=True)
+        std = keras.ops.std(x, axis=(1, 2, 3), keepdims=True)
+        return (x - mean) / keras.ops.maximum(std, STD_FLOOR)
+    return keras.layers.Rescaling(1.0 / 255, name="rescale")(x)
 
 
 def with_augmentation(model: keras.Model, mp: ModelParams, image_size: int,
@@ -150,8 +168,8 @@ def build_transfer(mp: ModelParams, num_classes: int, image_size: int = 48,
     ex_in = keras.Input((image_size, image_size, 1), name="pixels", dtype="float32")
     x = keras.layers.Resizing(size, size, name="resize", dtype="float32")(ex_in)
     x = keras.layers.Concatenate(axis=-1, name="gray_to_rgb", dtype="float32")([x, x, x])
-    if mp.preprocessing == "rescale":
-        x = keras.layers.Rescaling(1.0 / 255, name="rescale")(x)
+    if mp.preprocessing != "base":
+        x = scale_pixels(x, mp)
     else:
         x = keras.layers.Normalization(mean=CAFFE_MEAN, variance=[1.0, 1.0, 1.0],
                                        name="base_preprocess")(x)
@@ -188,7 +206,7 @@ def build_fernet(mp: ModelParams, num_classes: int, image_size: int = 48,
     classifier. No large dense layer: ~1.2M parameters and ~0.24 GFLOPs per image instead of
     the custom CNN's 17M and ~0.37 GFLOPs, so more epochs fit in the same time."""
     inp = keras.Input((image_size, image_size, 1), name="image", dtype="float32")
-    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(inp)
+    x = scale_pixels(inp, mp)
     for s, f in enumerate(mp.conv_filters):
         for b in range(mp.blocks_per_stage):
             x = keras.layers.Conv2D(mp.scaled(f), 3, padding="same", use_bias=False,
