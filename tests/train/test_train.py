@@ -382,8 +382,10 @@ def test_standardize_makes_the_model_blind_to_brightness_and_contrast(tmp_path):
             p = model.predict(x, verbose=0)
             diffs[prep] = max(np.abs(model.predict(corrupt(x, c, 3), verbose=0) - p).max()
                               for c in ("dark", "bright", "contrast"))
-        assert diffs["standardize"] < 1e-4 and diffs["rescale"] > 100 * diffs["standardize"] \
-            and diffs["rescale"] > 1e-3, (arch, diffs)
+        # an untrained network's softmax is nearly flat, so x/255's differences are small
+        # (1e-4..1e-2 by backend), yet orders of magnitude above standardize's rounding
+        assert diffs["standardize"] < 1e-6 and diffs["rescale"] > 1e-5 \
+            and diffs["rescale"] > 100 * diffs["standardize"], (arch, diffs)
     path = tmp_path / "m.keras"
     model.save(path)
     loaded = keras.saving.load_model(path, compile=False)
