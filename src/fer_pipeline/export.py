@@ -173,11 +173,8 @@ def agreement(a: Any, b: Any, check_data: Path, batch: int = 512) -> dict[str, A
     from fer_pipeline.arrays import load_split
 
     split = load_split(check_data)
-    x, y = split.x, np.asarray(split.y)
-    pa = np.concatenate([a.predict(x[i:i + batch].astype(np.float32), verbose=0)
-                         for i in range(0, len(x), batch)]).astype(np.float32)
-    pb = np.concatenate([b.predict(x[i:i + batch].astype(np.float32), verbose=0)
-                         for i in range(0, len(x), batch)]).astype(np.float32)
+    x, y = split.x.astype(np.float32), np.asarray(split.y)
+    pa, pb = (np.asarray(m.predict(x, batch_size=batch, verbose=0), np.float32) for m in (a, b))
     policy = next((la.dtype_policy.name for la in a.layers
                    if la.dtype_policy.name != "float32"), "float32")
     out = {"trained_policy": policy, "images": int(len(x)),
