@@ -70,6 +70,9 @@ ROBUST: dict[str, dict] = {
     "+ standardize, noise 16": {**STD, f"{A}.noise": 16.0},
     "+ standardize, noise 16, blur 1.0, rotation 20": {**STD, f"{A}.noise": 16.0,
                                                        f"{A}.blur": 1.0, f"{A}.rotation": 20},
+    # the last row's two geometric/blur levers apart: which one cost its clean accuracy
+    "+ standardize, noise 16, rotation 30": {**STD, f"{A}.noise": 16.0, f"{A}.rotation": 30},
+    "+ standardize, noise 16, blur 0.5": {**STD, f"{A}.noise": 16.0, f"{A}.blur": 0.5},
 }
 SETS = {"recipe": VARIANTS, "robust": ROBUST, "levers": LEVERS}
 
