@@ -137,7 +137,14 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
     with staged_dir(out) as work:
         results: dict[str, dict[str, Any]] = {}
         metrics_out: dict[str, dict[str, Any]] = {}
-        for name in found:
+        rp = evaluate.robustness
+        for i, name in enumerate(found, 1):
+            # Scoring one model takes minutes on a CPU: say what is running before it runs.
+            log.info("scoring %s (%d/%d): %d test images (tta %s)%s%s", name, i, len(found),
+                     len(test.y), evaluate.tta,
+                     f", {len(val.y)} val images (calibration)" if val is not None else "",
+                     f", corruption suite ({len(rp.corruptions)} x {len(rp.severities)} passes)"
+                     if rp.enabled else "")
             model = keras.saving.load_model(models_dir / name / "model.keras", compile=False)
             n_out = int(model.output_shape[-1])
             if n_out != len(classes):
@@ -152,7 +159,6 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
             pred = M.predict_proba(model, test.x, evaluate.batch_size, evaluate.tta)
             val_probs = (M.predict_proba(model, val.x, evaluate.batch_size, evaluate.tta).probs
                          if val is not None else None)
-            rp = evaluate.robustness
             rob = M.robustness_suite(
                 lambda xb, model=model: model.predict(xb, batch_size=evaluate.batch_size, verbose=0),
                 test.x, test.y, rp.corruptions, rp.severities, rp.max_images, rp.seed) \
