@@ -14,6 +14,7 @@ experiment `fer-ablation` (`--no-mlflow`: none). The test set is never read.
     python benchmarks/fernet_ablation.py --variants robust --suite 1000 --cap 1500 --epochs 8
     python benchmarks/fernet_ablation.py --variants levers --cap 0 --epochs 24 --only '+ EMA 0.999' \
         --score release/model.keras --suite 2000 -S models.fernet.width=0.5   # full budget
+    python benchmarks/fernet_ablation.py --variants robust --only --score a.keras b.keras --suite 2000
 """
 
 from __future__ import annotations
@@ -87,7 +88,9 @@ def main() -> None:
                     help="which variants: recipe ideas off, or robustness levers on")
     ap.add_argument("--suite", type=int, default=0, metavar="N",
                     help="also the corruption suite on N validation images (0: off)")
-    ap.add_argument("--only", nargs="*", help="variant names to run (none: only --score)")
+    ap.add_argument("--only", nargs="*",
+                    help="variant names to run (absent: every variant of the set; `--only` with "
+                         "no name: none, only the --score models)")
     ap.add_argument("--score", nargs="*", type=Path, default=[], metavar="MODEL",
                     help="also score saved .keras models (e.g. an earlier full-budget run) as "
                          "the first rows, on the same images, without training")
