@@ -62,6 +62,10 @@ A = f"{M}.augmentation"
 STD = {f"{M}.preprocessing": "standardize"}
 ROBUST: dict[str, dict] = {
     "recipe as set": {},
+    # params.yaml's defaults since 2026-11-30 are standardize + noise 16: the rows below that
+    # add them were measured against this earlier recipe (results.md, 2026-11-29)
+    "- standardize, noise (x/255, no noise: the recipe before 2026-11-30)":
+        {f"{M}.preprocessing": "rescale", f"{A}.noise": 0.0},
     "+ noise 16": {f"{A}.noise": 16.0},
     "+ blur": {f"{A}.blur": 1.0},
     "+ brightness 0.4, contrast 0.5": {f"{A}.brightness": 0.4, f"{A}.contrast": 0.5},
