@@ -20,7 +20,7 @@ setup: $(BIN)/fer  ## create .venv and install the project (about 4 minutes)
 data: setup  ## fetch the raw FER-2013 images from the team's DVC remote
 	$(BIN)/dvc pull data/raw/fer2013.dvc
 
-run: setup  ## set up and run the whole pipeline with the quick profile (2-core CPU, float32: ~25 min)
+run: setup  ## set up and run the whole pipeline with the quick profile (2-core CPU, float32: 10-25 min)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/fer run --profile $(PROFILE)
 
 study: setup  ## the original study's full recipe (params.yaml defaults; a GPU job)
