@@ -78,6 +78,12 @@ ROBUST: dict[str, dict] = {
     # the last row's two geometric/blur levers apart: which one cost its clean accuracy
     "+ standardize, noise 16, rotation 30": {**STD, f"{A}.noise": 16.0, f"{A}.rotation": 30},
     "+ standardize, noise 16, blur 0.5": {**STD, f"{A}.noise": 16.0, f"{A}.blur": 0.5},
+    # on params.yaml's recipe since 2026-11-30 (standardize + noise 16): rotation and blur
+    # together (the full-recipe row: results.md 2026-12-04), and the same with the head's
+    # dropout off, to give back the capacity the stronger augmentation takes
+    "+ rotation 20, blur 0.5": {f"{A}.rotation": 20, f"{A}.blur": 0.5},
+    "+ rotation 20, blur 0.5, dropout 0": {f"{A}.rotation": 20, f"{A}.blur": 0.5,
+                                          f"{M}.dropout": 0.0},
 }
 SETS = {"recipe": VARIANTS, "robust": ROBUST, "levers": LEVERS}
 
