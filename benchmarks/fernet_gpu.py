@@ -225,7 +225,7 @@ def table(log: Path) -> str:
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, d in rows.items():
         s, f = d.get("start", {}), d.get("final", {})
-        model = d.get("start", {}).get("model", "fernet")
+        model = s.get("model", "fernet")
         ov = ", ".join(f"{k.removeprefix(f'models.{model}.')}={v}"
                        for k, v in s.get("overrides", {}).items()) or "-"
         test = (f"{f['test_accuracy']:.4f} ({f['test_tta']})" if "test_accuracy" in f else "")
@@ -257,8 +257,9 @@ def import_bundle(args: argparse.Namespace) -> None:
     model, meta = read_bundle(Path(args.bundle), args.name)
     name, metrics, final = args.model, meta["metrics"], meta["final"]
     if final.get("overrides") or final.get("profile"):
-        raise SystemExit(f"{args.name} was trained with {final.get('profile') or ''} "
-                         f"{final.get('overrides')}: not params.yaml's models.{name}")
+        how = " ".join(x for x in (final.get("profile") and f"profile {final['profile']}",
+                                     final.get("overrides") and str(final["overrides"])) if x)
+        raise SystemExit(f"{args.name} was trained with {how}: not params.yaml's models.{name}")
     files = [split_path(PROCESSED_DIR, s) for s in ("train", "val")]
     here = {"data_md5_train": io.md5_file(files[0]), "data_md5_val": io.md5_file(files[1])}
     if any(metrics[k] != v for k, v in here.items()):
