@@ -5,7 +5,7 @@ models.fernet.<key>=...` takes, and trains with the project's own `train_model` 
 budget (a per-class cap of the training split and fewer epochs), so the table fits in minutes
 on a CPU. Two sets: `recipe` switches one idea of the recipe off; `robust` adds the
 photometric augmentations (the robustness levers) one by one and together; `levers` adds the
-champion's candidate levers (EMA, mixup, cutmix) one at a time. `--suite N` also
+champion's candidate levers (EMA, mixup, cutmix, a two-member ensemble) one at a time. `--suite N` also
 runs evaluate's corruption suite (params' `evaluate.robustness`) on N validation images, so a
 lever is judged on clean validation accuracy *and* its worst drop. Runs go to the MLflow
 experiment `fer-ablation` (`--no-mlflow`: none). The test set is never read.
@@ -54,6 +54,9 @@ LEVERS: dict[str, dict] = {
     "+ mixup 0.2": {f"{M}.augmentation.mixup": 0.2},
     "+ cutmix 1.0": {f"{M}.augmentation.cutmix": 1.0},
     REFIT: {},
+    # a small ensemble at about equal time (issue 14): two members at width 0.75 are 1.125x
+    # the FLOPs of one at 1.0, so the full-recipe row trains 40 epochs instead of 45
+    "2 members x width 0.75": {f"{M}.members": 2, f"{M}.width": 0.75},
 }
 # Robustness levers (issue 15): the suite's photometric corruptions as training augmentation,
 # and per-image standardization, which makes dark/bright/contrast (affine maps of the pixels)

@@ -170,6 +170,9 @@ class ModelParams:
     bn_momentum: float = 0.99               # BatchNormalization moving-statistics momentum (Keras default)
     ema: float = 0.0                        # exponential moving average of the weights: 0 = off, else
                                             # its momentum per step; validation and the kept model use it
+    members: int = 1                        # fernet: networks trained side by side in one model, each
+                                            # on its own loss; the model's output is their mean
+                                            # probability (an ensemble in one file)
     input_size: int = 224                   # transfer models: side the 48x48 input is resized to
     weights: str | None = None              # imagenet | null | path to a local .h5/.keras file
     freeze_base: bool = True                # transfer models: base frozen, only the head trains
@@ -195,6 +198,11 @@ class ModelParams:
             raise ParamsError(f"bn_momentum must be in [0, 1), got {self.bn_momentum}")
         if not 0.0 <= self.ema < 1.0:
             raise ParamsError(f"ema must be in [0, 1) (0 = off), got {self.ema}")
+        if self.members < 1:
+            raise ParamsError(f"members must be >= 1, got {self.members}")
+        if self.members > 1 and self.arch != "fernet":
+            raise ParamsError(f"members > 1 (an ensemble in one model) is built for arch fernet "
+                              f"only, not {self.arch}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ParamsError("epochs and batch_size must be >= 1")
         if self.arch in TRANSFER_ARCHS and self.input_size < 32:
@@ -211,7 +219,8 @@ class ModelParams:
     def summary(self) -> str:
         """The recipe in a few words for the comparison table: what a profile traded away (width,
         learning rate, input size, what trains) shows next to the accuracy it bought."""
-        parts = [f"width {self.width:g}", f"{self.optimizer} {self.learning_rate:g}",
+        parts = [f"{self.members} x width {self.width:g}" if self.members > 1
+                 else f"width {self.width:g}", f"{self.optimizer} {self.learning_rate:g}",
                  f"batch {self.batch_size}"]
         if self.lr_schedule == "cosine":
             parts.append("cosine")

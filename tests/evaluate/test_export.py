@@ -189,10 +189,12 @@ def test_serve_without_model_or_store_answers_from_the_release(released, tmp_pat
         proc.wait(timeout=30)
 
 
-def test_a_mixed_precision_model_is_released_as_a_float32_copy(tmp_path):
+@pytest.mark.parametrize("members", [1, 2])
+def test_a_mixed_precision_model_is_released_as_a_float32_copy(tmp_path, members):
     """A model trained in bf16 (AMX/AVX512-BF16 CPUs) exports to an ONNX graph that ONNX Runtime
     refuses (float16 and bfloat16 mixed in one op); the release takes a float32 copy of the same
-    weights, which exports and agrees with the model as trained."""
+    weights, which exports and agrees with the model as trained. An ensemble (`members: 2`,
+    networks nested in the model) is copied and exported alike."""
     import keras
 
     from fer_pipeline import params as P
@@ -204,8 +206,8 @@ def test_a_mixed_precision_model_is_released_as_a_float32_copy(tmp_path):
     before = keras.mixed_precision.global_policy().name
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        trained = build_model(P.ModelParams(arch="fernet", width=0.125, dense_units=[]), 7,
-                              seed=0).model
+        trained = build_model(P.ModelParams(arch="fernet", width=0.125, dense_units=[],
+                                            members=members), 7, seed=0).model
     finally:
         keras.mixed_precision.set_global_policy(before)
     x, y = make_arrays(28)
@@ -214,7 +216,14 @@ def test_a_mixed_precision_model_is_released_as_a_float32_copy(tmp_path):
                                  np.array(["PublicTest"] * len(y)), [str(c) for c in range(7)]))
     copy = as_float32(trained)
     assert copy is not trained and as_float32(copy) is copy
-    assert {la.dtype_policy.name for la in copy.layers} == {"float32"}
+    def walk(layer):
+        yield layer
+        for inner in getattr(layer, "layers", []):
+            yield from walk(inner)
+
+    nested = list(walk(copy))[1:]
+    assert (len(nested) > len(copy.layers)) == (members > 1)     # the members' own layers too
+    assert {la.dtype_policy.name for la in nested} == {"float32"}
     check = export_onnx(copy, tmp_path / "m.onnx", data)["check"]
     assert check["top1_agreement"] == 1.0
     report = agreement(trained, copy, data)

@@ -485,3 +485,57 @@ def test_training_with_mixup_and_cutmix_learns_a_cue(processed, tmp_path, monkey
     model = keras.saving.load_model(res.model_path)
     assert not any(layer.name.startswith("aug_") for layer in model.layers)
     assert res.metrics["val_accuracy"] > 2 / len(CLASSES), res.metrics   # chance is 1/7
+
+
+def test_members_train_each_on_its_own_loss_and_the_model_answers_their_mean(
+        processed, tmp_path, monkeypatch):
+    """`members: 2`: two networks in one model. Through the stage it learns the synthetic cue;
+    the saved file is a plain 7-way classifier whose answer is the mean of its members' (each
+    member a full network that answers alone), and the loss is per member: a member that is
+    already right is not pushed by the other's mistakes."""
+    import keras
+
+    from fer_pipeline.train.models import build_model, trainable_params
+    from fer_pipeline.train.recipe import ensemble_accuracy, members_loss
+    from fer_pipeline.train.stage import train_model
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    keras.mixed_precision.set_global_policy("float32")
+    recipe = {"arch": "fernet", "epochs": 6, "batch_size": 16, "width": 0.125, "dense_units": [],
+              "optimizer": "adam", "learning_rate": 0.003, "bn_momentum": 0.5, "dropout": 0.0,
+              "label_smoothing": 0.1, "members": 2}
+    mp, p = _params(tmp_path, "fernet", recipe)
+    one = build_model(P.ModelParams(**{**recipe, "members": 1}), 7)
+    built = build_model(mp, 7)
+    assert trainable_params(built.model) == 2 * trainable_params(one.model)
+    assert built.train_model.output_shape == (None, 2, 7)
+    assert "2 x width 0.125" in mp.summary()
+
+    res = train_model("fernet", mp, p.train, None, processed_dir=processed)
+    assert res.metrics["val_accuracy"] > 2 / len(CLASSES), res.metrics   # chance is 1/7
+    model = keras.saving.load_model(res.model_path)
+    assert model.output_shape == (None, 7)
+    assert not any(layer.name.startswith("aug_") for layer in model.layers)
+    x = np.random.default_rng(0).integers(0, 256, (4, 48, 48, 1)).astype(np.float32)
+    stacked = model.get_layer("fernet_members")
+    per_member = keras.ops.convert_to_numpy(stacked(x))
+    assert per_member.shape == (4, 2, 7)
+    np.testing.assert_allclose(model.predict(x, verbose=0), per_member.mean(axis=1), atol=1e-6)
+    assert np.abs(per_member[:, 0] - per_member[:, 1]).max() > 1e-3   # two networks, not one
+
+    def probs(k: int, top: float) -> np.ndarray:
+        return np.where(np.arange(7) == k, top, (1 - top) / 6).astype(np.float32)
+
+    y = np.eye(7, dtype=np.float32)[[0, 1]]
+    preds = np.stack([np.stack([probs(0, 0.9), probs(0, 0.9)]),     # both members right
+                      np.stack([probs(1, 0.9), probs(0, 0.5)])])    # one right, one wrong
+    losses = keras.ops.convert_to_numpy(members_loss(0.0)(y, preds))
+    assert losses.shape == (2,) and losses[0] < losses[1]
+    np.testing.assert_allclose(losses[0], -np.log(0.9), rtol=1e-5)  # each member's own CE
+    np.testing.assert_allclose(losses[1], (-np.log(0.9) - np.log(0.5 / 6)) / 2, rtol=1e-5)
+    acc = keras.ops.convert_to_numpy(ensemble_accuracy(y, preds))
+    np.testing.assert_array_equal(acc, [1.0, 1.0])     # the mean answers 1 for the second
+    with pytest.raises(ParamsError, match="members must be >= 1"):
+        P.ModelParams(arch="fernet", members=0)
+    with pytest.raises(ParamsError, match="fernet only"):
+        P.ModelParams(arch="custom_cnn", members=2)

@@ -204,9 +204,36 @@ def build_fernet(mp: ModelParams, num_classes: int, image_size: int = 48,
     Stages of `blocks_per_stage` conv-BN-ReLU blocks at widths `conv_filters`, each followed by
     2x2 max-pooling (48 -> 24 -> 12 -> 6 -> 3), then global average pooling, dropout and the
     classifier. No large dense layer: ~1.2M parameters and ~0.24 GFLOPs per image instead of
-    the custom CNN's 17M and ~0.37 GFLOPs, so more epochs fit in the same time."""
+    the custom CNN's 17M and ~0.37, so more epochs fit in the same time.
+
+    `members` > 1: that many such networks (own initialisation, own dropout) side by side on
+    the same input. The training model outputs each member's probabilities, (N, members,
+    classes), and the loss is the mean of the members' own cross-entropies, so each learns as
+    if alone (an ensemble, not one wide network); the saved model outputs their mean, so
+    evaluate, export, predict and serve see one ordinary classifier."""
     inp = keras.Input((image_size, image_size, 1), name="image", dtype="float32")
     x = scale_pixels(inp, mp)
+    if mp.members == 1:
+        model = keras.Model(inp, _fernet_body(x, mp, num_classes), name="fernet")
+        return BuiltModel(model, with_augmentation(model, mp, image_size, seed))
+    members = []
+    for m in range(mp.members):
+        m_in = keras.Input(tuple(x.shape[1:]), name=f"m{m + 1}_input", dtype="float32")
+        members.append(keras.Model(m_in, _fernet_body(m_in, mp, num_classes),
+                                   name=f"member{m + 1}"))
+    stacked = keras.Model(inp, keras.ops.stack([mem(x) for mem in members], axis=1),
+                          name="fernet_members")
+    out_in = keras.Input((image_size, image_size, 1), name="image", dtype="float32")
+    model = keras.Model(out_in, keras.ops.mean(stacked(out_in), axis=1), name="fernet")
+    train = with_augmentation(stacked, mp, image_size, seed)
+    if train is stacked:   # fit compiles what it trains: never a part of the saved model
+        t_in = keras.Input((image_size, image_size, 1), name="image", dtype="float32")
+        train = keras.Model(t_in, stacked(t_in), name="fernet_train")
+    return BuiltModel(model, train)
+
+
+def _fernet_body(x, mp: ModelParams, num_classes: int):
+    """fernet from scaled pixels to class probabilities."""
     for s, f in enumerate(mp.conv_filters):
         for b in range(mp.blocks_per_stage):
             x = keras.layers.Conv2D(mp.scaled(f), 3, padding="same", use_bias=False,
@@ -220,10 +247,8 @@ def build_fernet(mp: ModelParams, num_classes: int, image_size: int = 48,
         x = keras.layers.Dropout(mp.dropout, name=f"dense_drop{i + 1}")(x)
         x = keras.layers.Dense(mp.scaled(u), activation="relu", name=f"dense{i + 1}")(x)
     x = keras.layers.Dropout(mp.dropout, name="head_drop")(x)
-    out = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
-                             name="predictions")(x)
-    model = keras.Model(inp, out, name="fernet")
-    return BuiltModel(model, with_augmentation(model, mp, image_size, seed))
+    return keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
+                              name="predictions")(x)
 
 
 def build_model(mp: ModelParams, num_classes: int, image_size: int = 48,

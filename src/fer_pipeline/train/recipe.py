@@ -49,11 +49,33 @@ def loss_and_targets(mp: ModelParams, n_classes: int
     """Sparse cross-entropy (the study), or one-hot targets with label smoothing or mixing
     (mixup/CutMix mix the targets). Returns (loss, accuracy metric, function mapping int labels
     to the targets fit needs)."""
+    eye = np.eye(n_classes, dtype=np.float32)
+    if mp.members > 1:
+        return (members_loss(mp.label_smoothing),
+                keras.metrics.MeanMetricWrapper(ensemble_accuracy, name="accuracy"),
+                lambda y: eye[y])
     if not mp.label_smoothing and not mp.augmentation.mixes:
         return "sparse_categorical_crossentropy", "accuracy", lambda y: y
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=mp.label_smoothing)
-    eye = np.eye(n_classes, dtype=np.float32)
     return loss, keras.metrics.CategoricalAccuracy(name="accuracy"), lambda y: eye[y]
+
+
+def members_loss(label_smoothing: float) -> Callable[[Any, Any], Any]:
+    """Loss of an ensemble's training model (output (N, members, classes), one-hot targets):
+    each member's own cross-entropy, averaged over members, so no member leans on another."""
+
+    def loss(y_true, y_pred):
+        y = keras.ops.broadcast_to(keras.ops.expand_dims(y_true, 1), keras.ops.shape(y_pred))
+        ce = keras.losses.categorical_crossentropy(y, y_pred, label_smoothing=label_smoothing)
+        return keras.ops.mean(ce, axis=1)
+
+    loss.__name__ = "members_crossentropy"
+    return loss
+
+
+def ensemble_accuracy(y_true, y_pred):
+    """Accuracy of the members' mean probability: what the saved model answers."""
+    return keras.metrics.categorical_accuracy(y_true, keras.ops.mean(y_pred, axis=1))
 
 
 def compile_for_fit(model: keras.Model, mp: ModelParams, n_classes: int,
