@@ -202,6 +202,7 @@ def test_a_mixed_precision_model_is_released_as_a_float32_copy(tmp_path, members
     from fer_pipeline.export import agreement, as_float32, export_onnx
     from fer_pipeline.synthetic import make_arrays
     from fer_pipeline.train.models import build_model
+    from fer_pipeline.train.recipe import _layers
 
     before = keras.mixed_precision.global_policy().name
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -216,12 +217,7 @@ def test_a_mixed_precision_model_is_released_as_a_float32_copy(tmp_path, members
                                  np.array(["PublicTest"] * len(y)), [str(c) for c in range(7)]))
     copy = as_float32(trained)
     assert copy is not trained and as_float32(copy) is copy
-    def walk(layer):
-        yield layer
-        for inner in getattr(layer, "layers", []):
-            yield from walk(inner)
-
-    nested = list(walk(copy))[1:]
+    nested = _layers(copy)     # every layer, the members' own included
     assert (len(nested) > len(copy.layers)) == (members > 1)     # the members' own layers too
     assert {la.dtype_policy.name for la in nested} == {"float32"}
     check = export_onnx(copy, tmp_path / "m.onnx", data)["check"]
