@@ -338,11 +338,17 @@ class PredictParams:
 
     min_confidence: float = 0.4          # a face whose top probability (temperature-scaled) is
                                          # below this is flagged "uncertain": true
+    roll_angles: list[float] = field(default_factory=lambda: [15.0, -15.0, 30.0, -30.0])
+                                         # degrees the image is turned by for a second search when
+                                         # the upright pass finds no face ([]: none)
 
     def __post_init__(self) -> None:
         _choice("predict.runtime", self.runtime, RUNTIMES)
         if not 0.0 <= self.min_confidence < 1.0:
             raise ParamsError(f"predict.min_confidence must be in [0, 1), got {self.min_confidence}")
+        for a in self.roll_angles:
+            if not -90.0 <= a <= 90.0 or a == 0.0:
+                raise ParamsError(f"roll_angles: each angle must be in [-90, 90] and not 0, got {a:g}")
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,15 @@
 """`fer predict PATH...`: classify the emotion of every face in real photos.
 
 Faces are found with OpenCV's bundled Haar cascade (no download), cropped, converted to 48x48
-grayscale (the FER-2013 format) and classified. An image that already is 48x48 is taken as a
-face crop and classified directly. Paths may be folders (searched recursively for images).
-Images are read with Pillow: EXIF orientation applied (a phone's portrait photo is upright),
-files over `predict.max_file_mb`, images over `predict.max_pixels` (decompression bombs) and
-anything that is not a regular file are reported, not read. The faces of `predict.batch_files`
+grayscale (the FER-2013 format) and classified. The cascade finds upright faces only (a head
+rolled by 20 degrees is found about half as often, by 30 degrees one time in seven): when the
+upright pass finds none, the image is searched again turned by `predict.roll_angles`, and a
+face found that way is cropped from the turned image, so the classifier sees it upright. An
+image that already is 48x48 is taken as a face crop and classified directly. Paths may be
+folders (searched recursively for images). Images are read with Pillow: EXIF orientation
+applied (a phone's portrait photo is upright), files over `predict.max_file_mb`, images over
+`predict.max_pixels` (decompression bombs) and anything that is not a regular file are
+reported, not read. The faces of `predict.batch_files`
 files go to the model in one call.
 
 Default model: `models:/fer-emotion@champion` (the registry alias the evaluate stage sets);
@@ -395,6 +399,82 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
     return max(w, 0) * max(h, 0)
 
 
+@dataclass
+class Face:
+    """A face found in an image: its axis-aligned box in the image, its 48x48 crop (upright:
+    taken from the turned image when it was found by the roll search), its roll in degrees
+    (counter-clockwise, 0 for the upright pass) and, when rolled, the corners of its tilted box."""
+
+    box: tuple[int, int, int, int]
+    crop: np.ndarray
+    roll: float = 0.0
+    corners: np.ndarray | None = None
+
+
+ROLL_MAX_SIDE = 1280   # the roll search runs on the image scaled to this longer side at most
+
+
+def find_faces(gray: np.ndarray, roll_angles: list[float] | tuple[float, ...] = ()) -> list[Face]:
+    """Faces of a grayscale image, largest first: the upright pass of the cascade, then, only
+    when it finds none, one pass per angle of `roll_angles` on the image turned by it."""
+    boxes = detect_faces(gray)
+    if boxes or not roll_angles:
+        return [Face(b, crop_face(gray, b)) for b in boxes]
+    return _rolled_faces(gray, roll_angles)
+
+
+def _turned(gray: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
+    """`gray` turned by `angle` degrees (counter-clockwise) on a canvas that holds all of it,
+    and the affine map from the turned image back to `gray`."""
+    import cv2
+
+    h, w = gray.shape[:2]
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+    c, s = abs(m[0, 0]), abs(m[0, 1])
+    nw, nh = int(np.ceil(h * s + w * c)), int(np.ceil(h * c + w * s))
+    m[0, 2] += nw / 2 - w / 2
+    m[1, 2] += nh / 2 - h / 2
+    turned = cv2.warpAffine(gray, m, (nw, nh), flags=cv2.INTER_LINEAR,
+                            borderMode=cv2.BORDER_REPLICATE)
+    return turned, cv2.invertAffineTransform(m)
+
+
+def _rolled_faces(gray: np.ndarray, angles: list[float] | tuple[float, ...]) -> list[Face]:
+    """The roll search: detections of every turned copy, grouped per face (centres within half
+    a box side); each face keeps the detection at the median angle of its group, since the
+    cascade fires within about +-15 degrees of upright, around the angle that uprights it."""
+    import cv2
+
+    h, w = gray.shape[:2]
+    scale = min(1.0, ROLL_MAX_SIDE / max(h, w))
+    small = cv2.resize(gray, (round(w * scale), round(h * scale)),
+                       interpolation=cv2.INTER_AREA) if scale < 1.0 else gray
+    hits: list[tuple[float, np.ndarray, float, np.ndarray]] = []   # angle, corners, side, crop
+    for angle in angles:
+        turned, back = _turned(small, float(angle))
+        for x, y, bw, bh in detect_faces(turned):
+            pts = np.array([[x, y], [x + bw, y], [x + bw, y + bh], [x, y + bh]], np.float64)
+            corners = (pts @ back[:, :2].T + back[:, 2]) / scale
+            hits.append((float(angle), corners, bw / scale, crop_face(turned, (x, y, bw, bh))))
+    groups: list[list[tuple[float, np.ndarray, float, np.ndarray]]] = []
+    for hit in sorted(hits, key=lambda t: -t[2]):
+        centre = hit[1].mean(axis=0)
+        for g in groups:
+            if np.linalg.norm(g[0][1].mean(axis=0) - centre) < 0.5 * g[0][2]:
+                g.append(hit)
+                break
+        else:
+            groups.append([hit])
+    faces = []
+    for g in groups:
+        angle, corners, _, crop = sorted(g, key=lambda t: t[0])[len(g) // 2]
+        x0, y0 = np.clip(corners.min(axis=0), 0, None)
+        x1, y1 = np.minimum(corners.max(axis=0), [w, h])
+        box = (int(x0), int(y0), int(round(x1 - x0)), int(round(y1 - y0)))
+        faces.append(Face(box, crop, roll=-angle, corners=corners))
+    return sorted(faces, key=lambda f: -f.box[2] * f.box[3])
+
+
 def crop_face(gray: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     import cv2
 
@@ -404,7 +484,8 @@ def crop_face(gray: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     return cv2.resize(face, (FACE_SIZE, FACE_SIZE), interpolation=interp)
 
 
-def annotate(img: np.ndarray, faces: list[dict[str, Any]], out: Path) -> None:
+def annotate(img: np.ndarray, faces: list[dict[str, Any]], out: Path,
+             corners: list[np.ndarray | None] | None = None) -> None:
     import cv2
 
     canvas = img.copy()
@@ -418,11 +499,16 @@ def annotate(img: np.ndarray, faces: list[dict[str, Any]], out: Path) -> None:
     else:
         scale = 1.0
     thick = max(1, round(max(canvas.shape[:2]) / 400))
-    for f in faces:
+    for k, f in enumerate(faces):
         b = f["box"]
         x, y = int(b["x"] * scale), int(b["y"] * scale)
         w, h = int(b["w"] * scale), int(b["h"] * scale)
-        cv2.rectangle(canvas, (x, y), (x + w - 1, y + h - 1), (0, 200, 0), thick + 1)
+        tilted = corners[k] if corners and k < len(corners) else None
+        if tilted is not None:   # a face found by the roll search: its tilted box
+            cv2.polylines(canvas, [np.round(tilted * scale).astype(np.int32)], True,
+                          (0, 200, 0), thick + 1)
+        else:
+            cv2.rectangle(canvas, (x, y), (x + w - 1, y + h - 1), (0, 200, 0), thick + 1)
         label = f"{f['emotion']} {f['confidence']:.2f}"
         ty = y - 6 if y > 20 else y + h + 16
         cv2.putText(canvas, label, (x, ty), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * thick, (0, 200, 0),
@@ -463,16 +549,17 @@ def expand_paths(paths: list[str | Path]) -> tuple[list[Path], list[dict[str, An
 class _Prepared:
     result: dict[str, Any]
     img: np.ndarray | None = None
-    boxes: list[tuple[int, int, int, int]] | None = None
+    faces: list[Face] | None = None
     crops: np.ndarray | None = None
 
 
 def _prepare(path: Path, detect: bool, limits: PredictParams) -> _Prepared:
     """Read one file and crop its faces; any failure becomes that file's entry."""
-    return prepare(str(path), lambda: read_image(path, limits), detect)
+    return prepare(str(path), lambda: read_image(path, limits), detect, limits.roll_angles)
 
 
-def prepare(name: str, load: Callable[[], np.ndarray], detect: bool) -> _Prepared:
+def prepare(name: str, load: Callable[[], np.ndarray], detect: bool,
+            roll_angles: list[float] | tuple[float, ...] = ()) -> _Prepared:
     """Load one image (`load`) and crop its faces; any failure becomes its entry."""
     result: dict[str, Any] = {"path": name}
     try:
@@ -481,12 +568,13 @@ def prepare(name: str, load: Callable[[], np.ndarray], detect: bool) -> _Prepare
         h, w = gray.shape[:2]
         result["image_size"] = {"width": int(w), "height": int(h)}
         if (h, w) == (FACE_SIZE, FACE_SIZE) or not detect:
-            mode, boxes = ("crop" if (h, w) == (FACE_SIZE, FACE_SIZE) else "whole"), [(0, 0, w, h)]
+            mode = "crop" if (h, w) == (FACE_SIZE, FACE_SIZE) else "whole"
+            faces = [Face((0, 0, w, h), crop_face(gray, (0, 0, w, h)))]
         else:
-            mode, boxes = "detect", detect_faces(gray)
+            mode, faces = "detect", find_faces(gray, roll_angles)
         result["mode"] = mode
-        crops = np.stack([crop_face(gray, b) for b in boxes])[..., None] if boxes else None
-        return _Prepared(result, img, boxes, crops)
+        crops = np.stack([f.crop for f in faces])[..., None] if faces else None
+        return _Prepared(result, img, faces, crops)
     except ImageError as exc:
         result.update(ok=False, error=str(exc))
     except Exception as exc:  # noqa: BLE001 - one bad file (OpenCV, Pillow, OS) never stops a batch
@@ -524,10 +612,12 @@ def _finish(prep: _Prepared, probs: np.ndarray | None, classes: list[str],
     if "error" in result:
         return result
     faces = []
-    for b, p in zip(prep.boxes or [], probs if probs is not None else [], strict=True):
+    for f, p in zip(prep.faces or [], probs if probs is not None else [], strict=True):
         k = int(np.argmax(p))
+        b = f.box
         faces.append({
             "box": {"x": b[0], "y": b[1], "w": b[2], "h": b[3]},
+            "roll": round(f.roll, 1),
             "emotion": classes[k], "confidence": round(float(p[k]), 4),
             "uncertain": bool(p[k] < min_confidence),
             "probabilities": {c: round(float(v), 4) for c, v in zip(classes, p, strict=True)},
@@ -538,7 +628,7 @@ def _finish(prep: _Prepared, probs: np.ndarray | None, classes: list[str],
         result["message"] = "no face found"
     if annotate_to is not None:
         try:
-            annotate(prep.img, faces, annotate_to)
+            annotate(prep.img, faces, annotate_to, [f.corners for f in prep.faces or []])
             result["annotated"] = str(annotate_to)
         except ImageError as exc:
             result["annotate_error"] = str(exc)

@@ -105,7 +105,7 @@ def create_app(clf: Classifier, serve: ServeParams | None = None,
 
 def _classify(clf: Classifier, images: list[tuple[str, bytes]], limits: PredictParams,
               lock: threading.Lock) -> list[dict[str, Any]]:
-    chunk = [prepare(name, lambda data=data: decode_bytes(data, limits), True)
+    chunk = [prepare(name, lambda data=data: decode_bytes(data, limits), True, limits.roll_angles)
              for name, data in images]
     with lock:
         results = classify_prepared(clf, chunk)

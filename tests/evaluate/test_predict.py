@@ -14,7 +14,7 @@ from fer_pipeline import params as P
 from fer_pipeline.calibration import apply_temperature
 from fer_pipeline.cli import main
 from fer_pipeline.errors import FerError
-from fer_pipeline.predict import detect_faces, drop_nested, predict_files
+from fer_pipeline.predict import crop_face, detect_faces, drop_nested, find_faces, predict_files
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 DEFAULTS = P.Params()   # what `fer predict` uses outside a project
@@ -74,6 +74,61 @@ def test_a_box_inside_a_found_face_is_dropped_but_separate_faces_stay():
         (0, 0, 100, 100), (90, 90, 50, 50)]     # a small overlap is another face
 
 
+def _rolled(name: str, degrees: float) -> np.ndarray:
+    """A fixture face upscaled to 200 px with a margin, turned by `degrees` (counter-clockwise)."""
+    face = cv2.imread(str(FIXTURES / name), cv2.IMREAD_GRAYSCALE)
+    face = cv2.resize(cv2.copyMakeBorder(face, 8, 8, 8, 8, cv2.BORDER_REPLICATE), (200, 200),
+                      interpolation=cv2.INTER_CUBIC)
+    canvas = cv2.copyMakeBorder(face, 60, 60, 60, 60, cv2.BORDER_REPLICATE)
+    h, w = canvas.shape
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0)
+    return cv2.warpAffine(canvas, m, (w, h), borderMode=cv2.BORDER_REPLICATE)
+
+
+def _turn_to_upright(crop: np.ndarray, upright: np.ndarray) -> int:
+    """The turn (degrees, steps of 5) that best aligns `crop` with the `upright` face crop."""
+    def corr(phi):
+        m = cv2.getRotationMatrix2D((24, 24), phi, 1.0)
+        turned = cv2.warpAffine(crop, m, (48, 48), borderMode=cv2.BORDER_REPLICATE)
+        return np.corrcoef(turned[8:40, 8:40].ravel().astype(float),
+                           upright[8:40, 8:40].ravel().astype(float))[0, 1]
+    return max(range(-45, 46, 5), key=corr)
+
+
+@pytest.mark.parametrize(("name", "degrees"), [("happy_48.jpg", 30), ("surprise_48.jpg", -30)])
+def test_roll_search_finds_a_tilted_face_and_crops_it_upright(name, degrees):
+    """The cascade misses a face rolled by 30 degrees; the roll search finds it, says which
+    way it leans, and crops it upright (a straight crop of its box stays tilted)."""
+    img = _rolled(name, degrees)
+    assert detect_faces(img) == [] and find_faces(img, []) == []
+    faces = find_faces(img, P.PredictParams().roll_angles)
+    assert len(faces) == 1
+    face = faces[0]
+    assert np.sign(face.roll) == np.sign(degrees) and abs(face.roll - degrees) <= 15
+    x, y, w, h = face.box
+    assert abs(x + w / 2 - img.shape[1] / 2) < 30 and abs(y + h / 2 - img.shape[0] / 2) < 30
+    straight = _rolled(name, 0)
+    upright = crop_face(straight, detect_faces(straight)[0])
+    assert abs(_turn_to_upright(face.crop, upright)) <= 15          # as the classifier wants it
+    assert abs(_turn_to_upright(crop_face(img, face.box), upright)) >= 25   # a straight crop
+
+
+def test_predict_reports_the_roll_and_draws_the_tilted_box(local_model, tmp_path, capsys):
+    path = tmp_path / "tilted.png"
+    cv2.imwrite(str(path), _rolled("surprise_48.jpg", -30))
+    assert main(["predict", "--model", str(local_model), "--annotate", str(tmp_path / "a.png"),
+                 str(path)]) == 0
+    face = json.loads(capsys.readouterr().out)["results"][0]["faces"][0]
+    assert face["roll"] < -15
+    drawn = cv2.imread(str(tmp_path / "a.png"))
+    green = (drawn[..., 1] > 150) & (drawn[..., 0] < 80) & (drawn[..., 2] < 80)
+    ys, xs = np.nonzero(green)
+    # a tilted square's outline: no green row spans the whole box as a straight box's top does
+    assert len(xs) and max(np.bincount(ys)) < 0.6 * (xs.max() - xs.min())
+    with pytest.raises(P.ParamsError, match="roll_angles"):
+        P.PredictParams(roll_angles=[0.0])
+
+
 def test_predict_local_model_photo_crop_and_bad_inputs(local_model, photo, bad_files, tmp_path,
                                                        capsys):
     noface, text, missing = bad_files
@@ -90,7 +145,7 @@ def test_predict_local_model_photo_crop_and_bad_inputs(local_model, photo, bad_f
     ph = res[str(photo)]
     assert ph["ok"] and ph["mode"] == "detect" and len(ph["faces"]) == 1
     face = ph["faces"][0]
-    assert set(face["box"]) == {"x", "y", "w", "h"}
+    assert set(face["box"]) == {"x", "y", "w", "h"} and face["roll"] == 0
     assert sum(face["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
     assert face["emotion"] in report["classes"]
     assert (tmp_path / "ann" / "photo_annotated.png").is_file()
