@@ -348,7 +348,7 @@ class PredictParams:
             raise ParamsError(f"predict.min_confidence must be in [0, 1), got {self.min_confidence}")
         for a in self.roll_angles:
             if not -90.0 <= a <= 90.0 or a == 0.0:
-                raise ParamsError(f"roll_angles: each angle must be in [-90, 90] and not 0, got {a:g}")
+                raise ParamsError(f"roll_angles must each be in [-90, 90] and not 0, got {a:g}")
 
 
 @dataclass(frozen=True)

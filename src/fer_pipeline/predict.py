@@ -9,8 +9,7 @@ image that already is 48x48 is taken as a face crop and classified directly. Pat
 folders (searched recursively for images). Images are read with Pillow: EXIF orientation
 applied (a phone's portrait photo is upright), files over `predict.max_file_mb`, images over
 `predict.max_pixels` (decompression bombs) and anything that is not a regular file are
-reported, not read. The faces of `predict.batch_files`
-files go to the model in one call.
+reported, not read. The faces of `predict.batch_files` files go to the model in one call.
 
 Default model: `models:/fer-emotion@champion` (the registry alias the evaluate stage sets);
 `--model` takes a local `.keras` file, an MLflow model folder or any MLflow model URI.
@@ -28,7 +27,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -414,6 +413,15 @@ class Face:
 ROLL_MAX_SIDE = 1280   # the roll search runs on the image scaled to this longer side at most
 
 
+class _Hit(NamedTuple):
+    """One detection of the roll search, in the coordinates of the image searched."""
+
+    angle: float          # the image was turned by this (degrees, counter-clockwise)
+    corners: np.ndarray   # the tilted box's corners (4, 2)
+    side: float           # its side
+    crop: np.ndarray      # 48x48, from the turned image: upright
+
+
 def find_faces(gray: np.ndarray, roll_angles: list[float] | tuple[float, ...] = ()) -> list[Face]:
     """Faces of a grayscale image, largest first: the upright pass of the cascade, then, only
     when it finds none, one pass per angle of `roll_angles` on the image turned by it."""
@@ -449,25 +457,25 @@ def _rolled_faces(gray: np.ndarray, angles: list[float] | tuple[float, ...]) -> 
     scale = min(1.0, ROLL_MAX_SIDE / max(h, w))
     small = cv2.resize(gray, (round(w * scale), round(h * scale)),
                        interpolation=cv2.INTER_AREA) if scale < 1.0 else gray
-    hits: list[tuple[float, np.ndarray, float, np.ndarray]] = []   # angle, corners, side, crop
+    hits: list[_Hit] = []
     for angle in angles:
         turned, back = _turned(small, float(angle))
         for x, y, bw, bh in detect_faces(turned):
             pts = np.array([[x, y], [x + bw, y], [x + bw, y + bh], [x, y + bh]], np.float64)
             corners = (pts @ back[:, :2].T + back[:, 2]) / scale
-            hits.append((float(angle), corners, bw / scale, crop_face(turned, (x, y, bw, bh))))
-    groups: list[list[tuple[float, np.ndarray, float, np.ndarray]]] = []
-    for hit in sorted(hits, key=lambda t: -t[2]):
-        centre = hit[1].mean(axis=0)
+            hits.append(_Hit(float(angle), corners, bw / scale, crop_face(turned, (x, y, bw, bh))))
+    groups: list[list[_Hit]] = []
+    for hit in sorted(hits, key=lambda t: -t.side):
+        centre = hit.corners.mean(axis=0)
         for g in groups:
-            if np.linalg.norm(g[0][1].mean(axis=0) - centre) < 0.5 * g[0][2]:
+            if np.linalg.norm(g[0].corners.mean(axis=0) - centre) < 0.5 * g[0].side:
                 g.append(hit)
                 break
         else:
             groups.append([hit])
     faces = []
     for g in groups:
-        angle, corners, _, crop = sorted(g, key=lambda t: t[0])[len(g) // 2]
+        angle, corners, _, crop = sorted(g, key=lambda t: t.angle)[len(g) // 2]
         x0, y0 = np.clip(corners.min(axis=0), 0, None)
         x1, y1 = np.minimum(corners.max(axis=0), [w, h])
         box = (int(x0), int(y0), int(round(x1 - x0)), int(round(y1 - y0)))
@@ -503,7 +511,7 @@ def annotate(img: np.ndarray, faces: list[dict[str, Any]], out: Path,
         b = f["box"]
         x, y = int(b["x"] * scale), int(b["y"] * scale)
         w, h = int(b["w"] * scale), int(b["h"] * scale)
-        tilted = corners[k] if corners and k < len(corners) else None
+        tilted = corners[k] if corners else None
         if tilted is not None:   # a face found by the roll search: its tilted box
             cv2.polylines(canvas, [np.round(tilted * scale).astype(np.int32)], True,
                           (0, 200, 0), thick + 1)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from faces import rolled_face
 from fer_pipeline import params as P
 from fer_pipeline.calibration import apply_temperature
 from fer_pipeline.cli import main
@@ -74,17 +75,6 @@ def test_a_box_inside_a_found_face_is_dropped_but_separate_faces_stay():
         (0, 0, 100, 100), (90, 90, 50, 50)]     # a small overlap is another face
 
 
-def _rolled(name: str, degrees: float) -> np.ndarray:
-    """A fixture face upscaled to 200 px with a margin, turned by `degrees` (counter-clockwise)."""
-    face = cv2.imread(str(FIXTURES / name), cv2.IMREAD_GRAYSCALE)
-    face = cv2.resize(cv2.copyMakeBorder(face, 8, 8, 8, 8, cv2.BORDER_REPLICATE), (200, 200),
-                      interpolation=cv2.INTER_CUBIC)
-    canvas = cv2.copyMakeBorder(face, 60, 60, 60, 60, cv2.BORDER_REPLICATE)
-    h, w = canvas.shape
-    m = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0)
-    return cv2.warpAffine(canvas, m, (w, h), borderMode=cv2.BORDER_REPLICATE)
-
-
 def _turn_to_upright(crop: np.ndarray, upright: np.ndarray) -> int:
     """The turn (degrees, steps of 5) that best aligns `crop` with the `upright` face crop."""
     def corr(phi):
@@ -99,7 +89,7 @@ def _turn_to_upright(crop: np.ndarray, upright: np.ndarray) -> int:
 def test_roll_search_finds_a_tilted_face_and_crops_it_upright(name, degrees):
     """The cascade misses a face rolled by 30 degrees; the roll search finds it, says which
     way it leans, and crops it upright (a straight crop of its box stays tilted)."""
-    img = _rolled(name, degrees)
+    img = rolled_face(name, degrees)
     assert detect_faces(img) == [] and find_faces(img, []) == []
     faces = find_faces(img, P.PredictParams().roll_angles)
     assert len(faces) == 1
@@ -107,7 +97,7 @@ def test_roll_search_finds_a_tilted_face_and_crops_it_upright(name, degrees):
     assert np.sign(face.roll) == np.sign(degrees) and abs(face.roll - degrees) <= 15
     x, y, w, h = face.box
     assert abs(x + w / 2 - img.shape[1] / 2) < 30 and abs(y + h / 2 - img.shape[0] / 2) < 30
-    straight = _rolled(name, 0)
+    straight = rolled_face(name, 0)
     upright = crop_face(straight, detect_faces(straight)[0])
     assert abs(_turn_to_upright(face.crop, upright)) <= 15          # as the classifier wants it
     assert abs(_turn_to_upright(crop_face(img, face.box), upright)) >= 25   # a straight crop
@@ -115,7 +105,7 @@ def test_roll_search_finds_a_tilted_face_and_crops_it_upright(name, degrees):
 
 def test_predict_reports_the_roll_and_draws_the_tilted_box(local_model, tmp_path, capsys):
     path = tmp_path / "tilted.png"
-    cv2.imwrite(str(path), _rolled("surprise_48.jpg", -30))
+    cv2.imwrite(str(path), rolled_face("surprise_48.jpg", -30))
     assert main(["predict", "--model", str(local_model), "--annotate", str(tmp_path / "a.png"),
                  str(path)]) == 0
     face = json.loads(capsys.readouterr().out)["results"][0]["faces"][0]

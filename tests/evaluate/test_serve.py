@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from faces import rolled_face
 from fer_pipeline import params as P
 from fer_pipeline.sandbox import free_port
 
@@ -30,18 +31,6 @@ def _photo_bytes() -> bytes:
     canvas = np.full((480, 640), 190, np.uint8)
     canvas[120:320, 220:420] = cv2.resize(face, (200, 200), interpolation=cv2.INTER_CUBIC)
     return cv2.imencode(".jpg", canvas)[1].tobytes()
-
-
-def _tilted_photo_bytes() -> bytes:
-    """The surprise face rolled by 30 degrees: the upright cascade misses it, the roll search
-    finds it (tests/evaluate/test_predict.py)."""
-    face = cv2.imread(str(FIXTURES / "surprise_48.jpg"), cv2.IMREAD_GRAYSCALE)
-    face = cv2.resize(cv2.copyMakeBorder(face, 8, 8, 8, 8, cv2.BORDER_REPLICATE), (200, 200),
-                      interpolation=cv2.INTER_CUBIC)
-    canvas = cv2.copyMakeBorder(face, 60, 60, 60, 60, cv2.BORDER_REPLICATE)
-    m = cv2.getRotationMatrix2D((160, 160), -30, 1.0)
-    return cv2.imencode(".png", cv2.warpAffine(canvas, m, (320, 320),
-                                               borderMode=cv2.BORDER_REPLICATE))[1].tobytes()
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +160,7 @@ def test_the_web_page_in_a_real_browser(server, tmp_path):
         assert shot.stat().st_size > 10_000
         # A rolled head: found by the roll search, its tilt said on the page.
         tilted = tmp_path / "tilted.png"
-        tilted.write_bytes(_tilted_photo_bytes())
+        tilted.write_bytes(cv2.imencode(".png", rolled_face("surprise_48.jpg", -30))[1].tobytes())
         driver.find_element(By.ID, "file").send_keys(str(tilted))
         label = WebDriverWait(driver, 60).until(
             lambda d: [e.text for e in d.find_elements(By.CLASS_NAME, "face-label")
