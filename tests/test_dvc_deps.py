@@ -27,7 +27,8 @@ NOT_DEPS = ("mlflow", "train.verbose")
 SECTION_OF = {"DataParams": "data", "ValidateParams": "validate", "CleanParams": "clean",
               "SplitParams": "split", "TrainParams": "train", "MlflowParams": "mlflow",
               "EvaluateParams": "evaluate", "RegistryParams": "registry"}
-MODEL_CLASSES = {"ModelParams": "", "AugmentParams": "augmentation.", "ReduceLRParams": "reduce_lr."}
+MODEL_CLASSES = {"ModelParams": "", "AugmentParams": "augmentation.", "ReduceLRParams": "reduce_lr.",
+                 "DistillParams": "distill."}
 
 RECORDER = r'''
 import atexit, dataclasses, json, os, sys

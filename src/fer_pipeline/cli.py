@@ -56,6 +56,14 @@ def _train(args: argparse.Namespace) -> None:
         train_model(name, recipe, p.train, p.mlflow, processed_dir=args.processed_dir)
 
 
+def _teach(args: argparse.Namespace) -> None:
+    p = P.load(args.params)
+    from fer_pipeline.train.teach import teach
+
+    t = p.teach
+    teach(t.teachers, args.processed_dir / "train.npz", t.out, t.tta, t.temperature)
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     p = P.load(args.params)
     from fer_pipeline.evaluate.stage import evaluate_models
@@ -263,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processed-dir", type=Path, default=PROCESSED_DIR,
                    help="directory of train/val npz (default: %(default)s)")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("teach", help="teacher probabilities on the train split (distillation: "
+                                     "models.<NAME>.distill)")
+    p.add_argument("--processed-dir", type=Path, default=PROCESSED_DIR,
+                   help="directory of train.npz (default: %(default)s)")
+    p.set_defaults(func=_teach)
 
     p = sub.add_parser("evaluate", help="score trained models on the test split, compare, "
                                         "register the champion")

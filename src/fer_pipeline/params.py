@@ -149,6 +149,27 @@ class ReduceLRParams:
 
 
 @dataclass(frozen=True)
+class DistillParams:
+    """Knowledge distillation from cached teacher probabilities (`fer teach` writes them for
+    the train split): each training target becomes (1 - weight) * one-hot + weight * the
+    teachers' probability, the image augmented as usual. weight 0 = off (the study)."""
+
+    soft_labels: str | None = None   # path of `fer teach`'s .npz (rows matched to train by id)
+    weight: float = 0.0              # share of the teachers' probabilities in each target
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.weight <= 1.0:
+            raise ParamsError(f"distill.weight must be in [0, 1] (0 = off), got {self.weight}")
+        if self.weight and not self.soft_labels:
+            raise ParamsError("distill.weight > 0 needs distill.soft_labels (the .npz that "
+                              "`fer teach` writes)")
+
+    @property
+    def on(self) -> bool:
+        return self.weight > 0
+
+
+@dataclass(frozen=True)
 class ModelParams:
     """One model's recipe. Defaults: the study's custom CNN; keys a recipe does not need
     (weight decay, schedules, transfer options) default to "off"."""
@@ -180,6 +201,7 @@ class ModelParams:
     preprocessing: str = "rescale"          # rescale (x/255, the study) | standardize (per image: mean 0,
                                             # std 1; blind to brightness/contrast) | base (network's own)
     augmentation: AugmentParams = field(default_factory=AugmentParams)
+    distill: DistillParams = field(default_factory=DistillParams)
     class_weights: bool = False             # balanced class weights over the training split
     monitor: str = "val_accuracy"           # best-model / early-stopping criterion
     early_stopping_patience: int = 10
@@ -244,6 +266,8 @@ class ModelParams:
             parts.append("per-image standardized")
         if self.class_weights:
             parts.append("class weights")
+        if self.distill.on:
+            parts.append(f"distilled (teacher weight {self.distill.weight:g})")
         parts.append(self.augmentation.summary())
         return ", ".join(parts)
 
@@ -274,6 +298,21 @@ class MlflowParams:
     experiment: str = "fer-emotion"
     log_model: bool = True
     probe_timeout_s: float = 3.0
+
+
+@dataclass(frozen=True)
+class TeachParams:
+    """`fer teach`: teacher probabilities on the train split for `models.<name>.distill`."""
+
+    teachers: list[str] = field(default_factory=list)   # trained .keras files (the teachers)
+    tta: str = "flip"                    # views each teacher averages over: none | flip | flip_crops
+    temperature: float = 1.0             # p ** (1/T), renormalized: > 1 softens
+    out: str = "data/teacher/soft_labels.npz"
+
+    def __post_init__(self) -> None:
+        _choice("teach.tta", self.tta, TTA_MODES)
+        if self.temperature <= 0:
+            raise ParamsError(f"teach.temperature must be > 0, got {self.temperature}")
 
 
 # ---- evaluation and registry ----------------------------------------------------------------
@@ -372,6 +411,7 @@ class Params:
     split: SplitParams = field(default_factory=SplitParams)
     train: TrainParams = field(default_factory=TrainParams)
     models: dict[str, ModelParams] = field(default_factory=dict)
+    teach: TeachParams = field(default_factory=TeachParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     registry: RegistryParams = field(default_factory=RegistryParams)

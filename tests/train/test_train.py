@@ -539,3 +539,87 @@ def test_members_train_each_on_its_own_loss_and_the_model_answers_their_mean(
         P.ModelParams(arch="fernet", members=0)
     with pytest.raises(ParamsError, match="fernet only"):
         P.ModelParams(arch="custom_cnn", members=2)
+
+
+def _tiny_fernet_file(path: Path, seed: int) -> Path:
+    import keras
+
+    from fer_pipeline.train.models import build_model
+
+    keras.mixed_precision.set_global_policy("float32")
+    mp = P.ModelParams(arch="fernet", width=0.125, dense_units=[], conv_filters=[32, 64, 128, 256])
+    keras.utils.set_random_seed(seed)
+    model = build_model(mp, len(CLASSES), seed=seed).model
+    model.save(path)
+    return path
+
+
+def test_teach_averages_views_and_teachers_and_refuses_another_split(tmp_path):
+    """`teach`: each teacher's probability is its mean over the TTA views, the teachers are
+    averaged, T > 1 softens; rows are matched to a split by image id (reordered rows follow,
+    an image the file does not know fails by path and reason)."""
+    import keras
+
+    from fer_pipeline import tta
+    from fer_pipeline.train.teach import load_soft_labels, teach
+
+    split = _split(21, 3)
+    save_split(tmp_path / "train.npz", split)
+    teachers = [_tiny_fernet_file(tmp_path / f"t{i}.keras", i) for i in range(2)]
+    out = tmp_path / "teacher" / "soft.npz"
+    labels = teach(teachers, tmp_path / "train.npz", out, "flip", 1.0)
+    expected = np.mean([np.mean([keras.saving.load_model(t).predict(
+        v.astype(np.float32), verbose=0) for v in tta.views(split.x, "flip")], axis=0)
+        for t in teachers], axis=0)
+    np.testing.assert_allclose(labels.probs, expected, atol=1e-5)
+    np.testing.assert_allclose(labels.probs.sum(axis=1), 1.0, atol=1e-5)
+    loaded = load_soft_labels(out)
+    assert loaded.teachers == [str(t) for t in teachers] and loaded.classes == list(CLASSES)
+
+    soft = teach(teachers, tmp_path / "train.npz", tmp_path / "soft2.npz", "flip", 4.0)
+    assert soft.probs.max(axis=1).mean() < labels.probs.max(axis=1).mean()
+    np.testing.assert_array_equal(soft.probs.argmax(1), labels.probs.argmax(1))
+
+    order = np.arange(21)[::-1]
+    reordered = SplitArrays(split.x[order], split.y[order], split.ids[order], split.origin[order],
+                            CLASSES)
+    np.testing.assert_allclose(loaded.aligned_to(reordered, out), loaded.probs[order])
+    other = _split(22, 3)   # one image more: s/21.jpg is unknown to the file
+    with pytest.raises(FerError, match=r"soft\.npz: no teacher probabilities for 1 of 22"):
+        loaded.aligned_to(other, out)
+    with pytest.raises(FerError, match="not found"):
+        teach([tmp_path / "missing.keras"], tmp_path / "train.npz", out)
+
+
+def test_distillation_learns_from_the_teachers_probabilities(tmp_path, monkeypatch):
+    """distill.weight 1: the training labels are scrambled and carry nothing; the teachers'
+    probabilities (one-hot on the true class) carry the cue, and the student learns it:
+    validation (true labels) well above chance (with weight 0, the same run stays at 1/7).
+    Params: weight needs a file, stays in [0, 1]."""
+    import keras
+
+    from fer_pipeline.train.stage import train_model
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    keras.mixed_precision.set_global_policy("float32")
+    processed = tmp_path / "processed"
+    train = _split(112, 0)
+    scrambled = np.random.default_rng(5).permutation(train.y)
+    save_split(processed / "train.npz", SplitArrays(train.x, scrambled, train.ids, train.origin,
+                                                     CLASSES))
+    save_split(processed / "val.npz", _split(42, 1))
+    soft = tmp_path / "soft.npz"
+    np.savez(soft, probs=np.eye(len(CLASSES), dtype=np.float32)[train.y], ids=train.ids,
+             classes=np.asarray(CLASSES), teachers=np.asarray(["oracle"]), tta="none",
+             temperature=1.0)
+    mp, p = _params(tmp_path, "fernet", {
+        "arch": "fernet", "epochs": 6, "batch_size": 16, "width": 0.125, "dense_units": [],
+        "optimizer": "adam", "learning_rate": 0.003, "bn_momentum": 0.5, "dropout": 0.0,
+        "distill": {"soft_labels": str(soft), "weight": 1.0}})
+    assert "distilled (teacher weight 1)" in mp.summary()
+    res = train_model("fernet", mp, p.train, None, processed_dir=processed)
+    assert res.metrics["val_accuracy"] > 2 / len(CLASSES), res.metrics   # chance is 1/7
+    with pytest.raises(ParamsError, match="distill.weight > 0 needs distill.soft_labels"):
+        P.DistillParams(weight=0.5)
+    with pytest.raises(ParamsError, match=r"distill.weight must be in \[0, 1\]"):
+        P.DistillParams(soft_labels="x.npz", weight=1.5)

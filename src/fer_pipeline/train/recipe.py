@@ -46,15 +46,15 @@ def optimizer(mp: ModelParams, steps_per_epoch: int = 1) -> keras.optimizers.Opt
 
 def loss_and_targets(mp: ModelParams, n_classes: int
                      ) -> tuple[Any, Any, Callable[[np.ndarray], np.ndarray]]:
-    """Sparse cross-entropy (the study), or one-hot targets with label smoothing or mixing
-    (mixup/CutMix mix the targets). Returns (loss, accuracy metric, function mapping int labels
-    to the targets fit needs)."""
+    """Sparse cross-entropy (the study), or one-hot targets with label smoothing, mixing
+    (mixup/CutMix mix the targets) or distillation (the teachers' probabilities mixed in).
+    Returns (loss, accuracy metric, function mapping int labels to the targets fit needs)."""
     eye = np.eye(n_classes, dtype=np.float32)
     if mp.members > 1:
         return (members_loss(mp.label_smoothing),
                 keras.metrics.MeanMetricWrapper(ensemble_accuracy, name="accuracy"),
                 lambda y: eye[y])
-    if not mp.label_smoothing and not mp.augmentation.mixes:
+    if not mp.label_smoothing and not mp.augmentation.mixes and not mp.distill.on:
         return "sparse_categorical_crossentropy", "accuracy", lambda y: y
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=mp.label_smoothing)
     return loss, keras.metrics.CategoricalAccuracy(name="accuracy"), lambda y: eye[y]

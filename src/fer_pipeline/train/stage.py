@@ -46,6 +46,8 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
     model_path = Path(models_dir or tp.models_dir) / name / "model.keras"
     out = Path(reports_dir or tp.reports_dir) / name
     data_files = [split_path(processed_dir, "train"), split_path(processed_dir, "val")]
+    if mp.distill.on:   # the teachers' probabilities are data too: resume state and MLflow tags
+        data_files.append(Path(mp.distill.soft_labels))
 
     # 1. Tracking first: an unreachable server fails in seconds, before anything heavy.
     from fer_pipeline.train.mlflow_run import MlflowRun, NoRun
@@ -67,7 +69,7 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
     from fer_pipeline.train.resume import ResumeState, fingerprint, prior_best
 
     # 3. Data, precision, model.
-    train, val = _load_splits(data_files)
+    train, val = _load_splits(data_files[:2])
     n_classes = len(train.classes)
     keras.utils.set_random_seed(tp.seed)
     policy = apply_policy(tp.precision)
@@ -87,8 +89,9 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
     targets = recipe.compile_for_fit(fit_model, mp, n_classes, steps)
     # Endless datasets + explicit steps: one iterator per fit, not one per epoch.
     mixer = BatchMixer(mp.augmentation, tp.seed) if mp.augmentation.mixes else None
-    train_ds = make_dataset(xtr, targets(train.y), mp.batch_size, shuffle=True, seed=tp.seed,
-                            repeat=True, mixer=mixer)
+    ytr = _train_targets(targets(train.y), mp, train)
+    train_ds = make_dataset(xtr, ytr, mp.batch_size, shuffle=True, seed=tp.seed, repeat=True,
+                            mixer=mixer)
     val_ds = make_dataset(xva, targets(val.y), mp.batch_size, repeat=True)
 
     # 6. Fit in the (new or resumed) run, keeping the best epoch's full model.
@@ -157,6 +160,22 @@ def _load_splits(data_files: list[Path]) -> tuple[SplitArrays, SplitArrays]:
     if train.classes != val.classes:
         raise FerError(f"train and val class lists differ: {train.classes} vs {val.classes}")
     return train, val
+
+
+def _train_targets(onehot, mp: ModelParams, train: SplitArrays):
+    """The training targets: the labels, or with distillation on, (1 - w) * one-hot + w * the
+    teachers' probabilities for the same image (validation keeps the plain labels)."""
+    if not mp.distill.on:
+        return onehot
+    from fer_pipeline.train.teach import load_soft_labels
+
+    path = mp.distill.soft_labels
+    teacher = load_soft_labels(path).aligned_to(train, path)
+    w = mp.distill.weight
+    log.info("distillation: targets = %.2f x label + %.2f x teachers' probabilities (%s; "
+             "teachers agree with the labels on %.1f%% of the %d images)", 1 - w, w, path,
+             100 * float((teacher.argmax(1) == train.y).mean()), len(train))
+    return ((1 - w) * onehot + w * teacher).astype("float32")
 
 
 def _fit_inputs(built, mp: ModelParams, train: SplitArrays, val: SplitArrays, state
