@@ -345,6 +345,9 @@ def _run(ws: str, root: str, run_id: str, git: dict[str, str], changed: dict[str
             results.append(dvc_stage(group[0], ws, run_id, root))
             continue
         items = [s for s in group if not models or "@" not in s or s.split("@", 1)[1] in models]
+        if not group[0].startswith("train@"):   # teach@<model>: seconds each, here, in order
+            results.extend(dvc_stage(s, ws, run_id, root) for s in items)
+            continue
         if items:
             orch.init_tracking_store(ws, orch.stage_env(root, run_id))
         futures = [parallel_stage.submit(s, ws, run_id, dispatch, root, *timeouts)

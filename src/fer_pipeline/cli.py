@@ -58,10 +58,14 @@ def _train(args: argparse.Namespace) -> None:
 
 def _teach(args: argparse.Namespace) -> None:
     p = P.load(args.params)
-    from fer_pipeline.train.teach import teach
+    names = list(p.models) if args.all else args.model
+    if not names:
+        raise FerError("give --model NAME (repeatable) or --all")
+    recipes = {n: p.model(n) for n in names}
+    from fer_pipeline.train.teach import teach_model
 
-    t = p.teach
-    teach(t.teachers, args.processed_dir / "train.npz", t.out, t.tta, t.temperature)
+    for name, recipe in recipes.items():
+        teach_model(name, recipe.distill, p.teach, args.processed_dir / "train.npz", args.out_dir)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -272,10 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory of train/val npz (default: %(default)s)")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("teach", help="teacher probabilities on the train split (distillation: "
-                                     "models.<NAME>.distill)")
+    p = sub.add_parser("teach", help="teacher probabilities on the train split for "
+                                     "models.<NAME>.distill (distillation)")
+    p.add_argument("--model", action="append", metavar="NAME",
+                   help="model key under `models:` in params.yaml (repeatable)")
+    p.add_argument("--all", action="store_true", help="every model in params.yaml")
     p.add_argument("--processed-dir", type=Path, default=PROCESSED_DIR,
                    help="directory of train.npz (default: %(default)s)")
+    p.add_argument("--out-dir", type=Path, default=Path("data/teacher"),
+                   help="where NAME.npz goes (default: %(default)s; train reads it there)")
     p.set_defaults(func=_teach)
 
     p = sub.add_parser("evaluate", help="score trained models on the test split, compare, "

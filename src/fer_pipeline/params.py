@@ -150,19 +150,15 @@ class ReduceLRParams:
 
 @dataclass(frozen=True)
 class DistillParams:
-    """Knowledge distillation from cached teacher probabilities (`fer teach` writes them for
-    the train split): each training target becomes (1 - weight) * one-hot + weight * the
-    teachers' probability, the image augmented as usual. weight 0 = off (the study)."""
+    """Knowledge distillation: each training target becomes (1 - weight) * one-hot + weight *
+    the teachers' probability for the same image (`teach@<model>` caches them; the image is
+    augmented as usual). weight 0 = off (the study)."""
 
-    soft_labels: str | None = None   # path of `fer teach`'s .npz (rows matched to train by id)
     weight: float = 0.0              # share of the teachers' probabilities in each target
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.weight <= 1.0:
             raise ParamsError(f"distill.weight must be in [0, 1] (0 = off), got {self.weight}")
-        if self.weight and not self.soft_labels:
-            raise ParamsError("distill.weight > 0 needs distill.soft_labels (the .npz that "
-                              "`fer teach` writes)")
 
     @property
     def on(self) -> bool:
@@ -302,12 +298,12 @@ class MlflowParams:
 
 @dataclass(frozen=True)
 class TeachParams:
-    """`fer teach`: teacher probabilities on the train split for `models.<name>.distill`."""
+    """`fer teach` (dvc `teach@<model>`): the teachers' probabilities on the train split, for
+    the models whose `distill.weight` is above 0."""
 
     teachers: list[str] = field(default_factory=list)   # trained .keras files (the teachers)
     tta: str = "flip"                    # views each teacher averages over: none | flip | flip_crops
     temperature: float = 1.0             # p ** (1/T), renormalized: > 1 softens
-    out: str = "data/teacher/soft_labels.npz"
 
     def __post_init__(self) -> None:
         _choice("teach.tta", self.tta, TTA_MODES)

@@ -76,6 +76,8 @@ def make_project(base: Path, mlflow_uri: str | None = None, n_models: int = 2,
     shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
     if (ROOT / "profiles").is_dir():
         shutil.copytree(ROOT / "profiles", repo / "profiles")
+    (repo / "teachers").mkdir()   # teach@<name>'s dep; its README is all a clone has of it
+    shutil.copy(ROOT / "teachers" / "README.md", repo / "teachers" / "README.md")
     make_raw_tree(repo / "data/raw/fer2013", per_class or {"train": 8, "test": 3})
     uri = mlflow_uri or f"sqlite:///{Path(base).resolve() / 'mlflow.db'}"
     params = tiny_params("data/raw/fer2013", mlflow_uri=uri, n_models=n_models)

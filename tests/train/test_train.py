@@ -595,31 +595,36 @@ def test_distillation_learns_from_the_teachers_probabilities(tmp_path, monkeypat
     """distill.weight 1: the training labels are scrambled and carry nothing; the teachers'
     probabilities (one-hot on the true class) carry the cue, and the student learns it:
     validation (true labels) well above chance (with weight 0, the same run stays at 1/7).
-    Params: weight needs a file, stays in [0, 1]."""
+    teach@NAME with weight 0 writes a file with no rows, which a distilling train refuses."""
     import keras
 
     from fer_pipeline.train.stage import train_model
+    from fer_pipeline.train.teach import teach_model
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     keras.mixed_precision.set_global_policy("float32")
-    processed = tmp_path / "processed"
+    processed, teachers = tmp_path / "processed", tmp_path / "teacher"
     train = _split(112, 0)
     scrambled = np.random.default_rng(5).permutation(train.y)
     save_split(processed / "train.npz", SplitArrays(train.x, scrambled, train.ids, train.origin,
                                                      CLASSES))
     save_split(processed / "val.npz", _split(42, 1))
-    soft = tmp_path / "soft.npz"
-    np.savez(soft, probs=np.eye(len(CLASSES), dtype=np.float32)[train.y], ids=train.ids,
-             classes=np.asarray(CLASSES), teachers=np.asarray(["oracle"]), tta="none",
-             temperature=1.0)
-    mp, p = _params(tmp_path, "fernet", {
-        "arch": "fernet", "epochs": 6, "batch_size": 16, "width": 0.125, "dense_units": [],
-        "optimizer": "adam", "learning_rate": 0.003, "bn_momentum": 0.5, "dropout": 0.0,
-        "distill": {"soft_labels": str(soft), "weight": 1.0}})
+    recipe = {"arch": "fernet", "epochs": 6, "batch_size": 16, "width": 0.125, "dense_units": [],
+              "optimizer": "adam", "learning_rate": 0.003, "bn_momentum": 0.5, "dropout": 0.0,
+              "distill": {"weight": 1.0}}
+    mp, p = _params(tmp_path, "fernet", recipe)
     assert "distilled (teacher weight 1)" in mp.summary()
-    res = train_model("fernet", mp, p.train, None, processed_dir=processed)
+
+    teach_model("fernet", P.DistillParams(0.0), p.teach, processed / "train.npz", teachers)
+    with pytest.raises(FerError, match=r"fernet\.npz: written while models\.fernet\.distill\."
+                                       r"weight was 0 .* `dvc repro teach@fernet`"):
+        train_model("fernet", mp, p.train, None, processed_dir=processed, teacher_dir=teachers)
+    with pytest.raises(FerError, match="teach.teachers is empty"):
+        teach_model("fernet", mp.distill, p.teach, processed / "train.npz", teachers)
+
+    np.savez(teachers / "fernet.npz", probs=np.eye(len(CLASSES), dtype=np.float32)[train.y],
+             ids=train.ids, classes=np.asarray(CLASSES), teachers=np.asarray(["oracle"]))
+    res = train_model("fernet", mp, p.train, None, processed_dir=processed, teacher_dir=teachers)
     assert res.metrics["val_accuracy"] > 2 / len(CLASSES), res.metrics   # chance is 1/7
-    with pytest.raises(ParamsError, match="distill.weight > 0 needs distill.soft_labels"):
-        P.DistillParams(weight=0.5)
     with pytest.raises(ParamsError, match=r"distill.weight must be in \[0, 1\]"):
-        P.DistillParams(soft_labels="x.npz", weight=1.5)
+        P.DistillParams(weight=1.5)

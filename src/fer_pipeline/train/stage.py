@@ -39,7 +39,8 @@ class TrainResult:
 def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
                 mlflow_params: MlflowParams | None, processed_dir: str | Path = PROCESSED_DIR,
                 models_dir: str | Path | None = None, reports_dir: str | Path | None = None,
-                state_dir: str | Path | None = None) -> TrainResult:
+                state_dir: str | Path | None = None,
+                teacher_dir: str | Path | None = None) -> TrainResult:
     """Train, keep the best epoch (by `monitor` on val), write model/metrics/history; track
     it in MLflow unless `mlflow_params` is None."""
     mp, tp = model_params, train_params
@@ -47,7 +48,9 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
     out = Path(reports_dir or tp.reports_dir) / name
     data_files = [split_path(processed_dir, "train"), split_path(processed_dir, "val")]
     if mp.distill.on:   # the teachers' probabilities are data too: resume state and MLflow tags
-        data_files.append(Path(mp.distill.soft_labels))
+        from fer_pipeline.train.teach import TEACHER_DIR, teacher_path
+
+        data_files.append(teacher_path(teacher_dir or TEACHER_DIR, name))
 
     # 1. Tracking first: an unreachable server fails in seconds, before anything heavy.
     from fer_pipeline.train.mlflow_run import MlflowRun, NoRun
@@ -89,7 +92,7 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
     targets = recipe.compile_for_fit(fit_model, mp, n_classes, steps)
     # Endless datasets + explicit steps: one iterator per fit, not one per epoch.
     mixer = BatchMixer(mp.augmentation, tp.seed) if mp.augmentation.mixes else None
-    ytr = _train_targets(targets(train.y), mp, train)
+    ytr = _train_targets(targets(train.y), mp, train, data_files[2:])
     train_ds = make_dataset(xtr, ytr, mp.batch_size, shuffle=True, seed=tp.seed, repeat=True,
                             mixer=mixer)
     val_ds = make_dataset(xva, targets(val.y), mp.batch_size, repeat=True)
@@ -162,14 +165,14 @@ def _load_splits(data_files: list[Path]) -> tuple[SplitArrays, SplitArrays]:
     return train, val
 
 
-def _train_targets(onehot, mp: ModelParams, train: SplitArrays):
+def _train_targets(onehot, mp: ModelParams, train: SplitArrays, teacher_file: list[Path]):
     """The training targets: the labels, or with distillation on, (1 - w) * one-hot + w * the
     teachers' probabilities for the same image (validation keeps the plain labels)."""
     if not mp.distill.on:
         return onehot
     from fer_pipeline.train.teach import load_soft_labels
 
-    path = mp.distill.soft_labels
+    (path,) = teacher_file
     teacher = load_soft_labels(path).aligned_to(train, path)
     w = mp.distill.weight
     log.info("distillation: targets = %.2f x label + %.2f x teachers' probabilities (%s; "

@@ -1,11 +1,14 @@
-"""Teacher probabilities for distillation: `fer teach` (dvc stage `teach`).
+"""Teacher probabilities for distillation: `fer teach --model NAME` (dvc stage `teach@NAME`).
 
-Trained models (the teachers) score the train split once, averaged over test-time views and
-over teachers, and the result is cached as an .npz that `train` mixes into its targets
-(`models.<name>.distill`). Cached, not computed per step: a teacher's forward pass on every
-augmented batch would cost a third of the student's training time per teacher. The file names
-the rows by image id, so a student trained on another split fails instead of learning from
-misaligned targets.
+Trained models (the teachers, params `teach`) score the train split once, averaged over
+test-time views and over teachers, and the result is cached as data/teacher/NAME.npz, which
+`train@NAME` mixes into its targets (`models.NAME.distill`). A model that does not distill
+gets a file with no rows, written without loading anything: one file per model is what lets
+dvc.yaml give each `train@NAME` its own dep, so new teachers retrain only the students.
+
+Cached, not computed per step: a teacher's forward pass on every augmented batch would cost a
+third of the student's training time per teacher. The file names the rows by image id, so a
+student trained on another split fails instead of learning from misaligned targets.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import numpy as np
 from fer_pipeline import io, tta
 from fer_pipeline.arrays import SplitArrays, load_split
 from fer_pipeline.errors import FerError, MissingInputError
+from fer_pipeline.params import DistillParams, TeachParams
+
+TEACHER_DIR = Path("data/teacher")   # dvc.yaml's teach@<name> outs
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +52,40 @@ class SoftLabels:
         return self.probs[[index[str(i)] for i in split.ids]]
 
 
+def teacher_path(directory: str | Path, name: str) -> Path:
+    return Path(directory) / f"{name}.npz"
+
+
 def load_soft_labels(path: str | Path) -> SoftLabels:
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"{path}: no teacher probabilities; make them with "
-                                f"`fer teach` (`dvc repro teach`)")
+                                f"`fer teach --model {path.stem}` (`dvc repro teach@{path.stem}`)")
     with np.load(path) as z:
-        return SoftLabels(z["probs"].astype(np.float32), z["ids"], [str(c) for c in z["classes"]],
-                          [str(t) for t in z["teachers"]])
+        labels = SoftLabels(z["probs"].astype(np.float32), z["ids"],
+                            [str(c) for c in z["classes"]], [str(t) for t in z["teachers"]])
+    if not labels.teachers:
+        raise FerError(f"{path}: written while models.{path.stem}.distill.weight was 0 (no "
+                       f"teachers); rerun `dvc repro teach@{path.stem}`")
+    return labels
+
+
+def teach_model(name: str, distill: DistillParams, params: TeachParams,
+                split_file: str | Path, out_dir: str | Path = TEACHER_DIR) -> Path:
+    """teach@NAME: the teachers' probabilities for NAME's training split, or (distillation
+    off) a file with no rows."""
+    out = teacher_path(out_dir, name)
+    if not distill.on:
+        with io.atomic_path(out) as tmp:
+            np.savez(tmp, probs=np.zeros((0, 0), np.float32), ids=np.array([], dtype=str),
+                     classes=np.array([], dtype=str), teachers=np.array([], dtype=str))
+        log.info("%s: distill.weight is 0, no teachers: %s has no rows", name, out)
+        return out
+    if not params.teachers:
+        raise FerError(f"models.{name}.distill.weight is {distill.weight} but teach.teachers "
+                       f"is empty: list the teacher models (.keras) there")
+    teach(params.teachers, split_file, out, params.tta, params.temperature)
+    return out
 
 
 def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
