@@ -12,8 +12,8 @@ PKG = ROOT / "src" / "fer_pipeline"
 # Base modules: errors, params, shared helpers. They import nothing but each other.
 BASE = {"errors", "params", "io", "arrays", "tracking", "keras_mlflow", "plots", "champion",
         "synthetic", "sandbox", "profiles", "tta", "release", "calibration",
-        "corruptions", "backend"}
-STAGES = {"data", "train", "evaluate", "predict", "export"}   # each: base + its own only
+        "corruptions", "backend", "soft_labels"}
+STAGES = {"data", "teach", "train", "evaluate", "predict", "export"}   # each: base + its own only
 RUNNER = {"orchestrate"}                             # base only (it shells out to `dvc`)
 APPS = {"serve": {"predict"}, "web": set(),        # predict over HTTP: base + predict
         "worker": set()}                             # fer worker: base only

@@ -62,10 +62,10 @@ def _teach(args: argparse.Namespace) -> None:
     if not names:
         raise FerError("give --model NAME (repeatable) or --all")
     recipes = {n: p.model(n) for n in names}
-    from fer_pipeline.train.teach import teach_model
+    from fer_pipeline.teach import teach_model
 
     for name, recipe in recipes.items():
-        teach_model(name, recipe.distill, p.teach, args.processed_dir / "train.npz", args.out_dir)
+        teach_model(name, recipe.distill, args.processed_dir / "train.npz", args.out_dir)
 
 
 def _evaluate(args: argparse.Namespace) -> None:

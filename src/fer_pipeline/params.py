@@ -151,14 +151,25 @@ class ReduceLRParams:
 @dataclass(frozen=True)
 class DistillParams:
     """Knowledge distillation: each training target becomes (1 - weight) * one-hot + weight *
-    the teachers' probability for the same image (`teach@<model>` caches them; the image is
-    augmented as usual). weight 0 = off (the study)."""
+    the teachers' probability for the same image, the image augmented as usual. The
+    probabilities are computed once by `teach@<model>` (`fer teach`): each teacher's mean over
+    `tta` views, averaged over teachers, then p ** (1/temperature) renormalized. weight 0 =
+    off (the study)."""
 
-    weight: float = 0.0              # share of the teachers' probabilities in each target
+    weight: float = 0.0                  # share of the teachers' probabilities in each target
+    teachers: list[str] = field(default_factory=list)   # trained .keras files under teachers/
+    tta: str = "flip"                    # views each teacher averages over: none | flip | flip_crops
+    temperature: float = 1.0             # > 1 softens the teachers' answers, < 1 sharpens
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.weight <= 1.0:
             raise ParamsError(f"distill.weight must be in [0, 1] (0 = off), got {self.weight}")
+        if self.weight and not self.teachers:
+            raise ParamsError(f"distill.weight is {self.weight} but distill.teachers is empty: "
+                              f"list the teacher models (.keras files under teachers/)")
+        _choice("distill.tta", self.tta, TTA_MODES)
+        if self.temperature <= 0:
+            raise ParamsError(f"distill.temperature must be > 0, got {self.temperature}")
 
     @property
     def on(self) -> bool:
@@ -263,7 +274,8 @@ class ModelParams:
         if self.class_weights:
             parts.append("class weights")
         if self.distill.on:
-            parts.append(f"distilled (teacher weight {self.distill.weight:g})")
+            parts.append(f"distilled from {len(self.distill.teachers)} teacher(s), weight "
+                         f"{self.distill.weight:g}")
         parts.append(self.augmentation.summary())
         return ", ".join(parts)
 
@@ -294,21 +306,6 @@ class MlflowParams:
     experiment: str = "fer-emotion"
     log_model: bool = True
     probe_timeout_s: float = 3.0
-
-
-@dataclass(frozen=True)
-class TeachParams:
-    """`fer teach` (dvc `teach@<model>`): the teachers' probabilities on the train split, for
-    the models whose `distill.weight` is above 0."""
-
-    teachers: list[str] = field(default_factory=list)   # trained .keras files (the teachers)
-    tta: str = "flip"                    # views each teacher averages over: none | flip | flip_crops
-    temperature: float = 1.0             # p ** (1/T), renormalized: > 1 softens
-
-    def __post_init__(self) -> None:
-        _choice("teach.tta", self.tta, TTA_MODES)
-        if self.temperature <= 0:
-            raise ParamsError(f"teach.temperature must be > 0, got {self.temperature}")
 
 
 # ---- evaluation and registry ----------------------------------------------------------------
@@ -407,7 +404,6 @@ class Params:
     split: SplitParams = field(default_factory=SplitParams)
     train: TrainParams = field(default_factory=TrainParams)
     models: dict[str, ModelParams] = field(default_factory=dict)
-    teach: TeachParams = field(default_factory=TeachParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     registry: RegistryParams = field(default_factory=RegistryParams)

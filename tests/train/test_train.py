@@ -561,7 +561,8 @@ def test_teach_averages_views_and_teachers_and_refuses_another_split(tmp_path):
     import keras
 
     from fer_pipeline import tta
-    from fer_pipeline.train.teach import load_soft_labels, teach
+    from fer_pipeline.soft_labels import load_soft_labels
+    from fer_pipeline.teach import teach
 
     split = _split(21, 3)
     save_split(tmp_path / "train.npz", split)
@@ -598,8 +599,8 @@ def test_distillation_learns_from_the_teachers_probabilities(tmp_path, monkeypat
     teach@NAME with weight 0 writes a file with no rows, which a distilling train refuses."""
     import keras
 
+    from fer_pipeline.teach import teach_model
     from fer_pipeline.train.stage import train_model
-    from fer_pipeline.train.teach import teach_model
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     keras.mixed_precision.set_global_policy("float32")
@@ -611,20 +612,22 @@ def test_distillation_learns_from_the_teachers_probabilities(tmp_path, monkeypat
     save_split(processed / "val.npz", _split(42, 1))
     recipe = {"arch": "fernet", "epochs": 6, "batch_size": 16, "width": 0.125, "dense_units": [],
               "optimizer": "adam", "learning_rate": 0.003, "bn_momentum": 0.5, "dropout": 0.0,
-              "distill": {"weight": 1.0}}
+              "distill": {"weight": 1.0, "teachers": ["teachers/oracle.keras"]}}
     mp, p = _params(tmp_path, "fernet", recipe)
-    assert "distilled (teacher weight 1)" in mp.summary()
+    assert "distilled from 1 teacher(s), weight 1" in mp.summary()
 
-    teach_model("fernet", P.DistillParams(0.0), p.teach, processed / "train.npz", teachers)
+    teach_model("fernet", P.DistillParams(0.0), processed / "train.npz", teachers)
     with pytest.raises(FerError, match=r"fernet\.npz: written while models\.fernet\.distill\."
                                        r"weight was 0 .* `dvc repro teach@fernet`"):
         train_model("fernet", mp, p.train, None, processed_dir=processed, teacher_dir=teachers)
-    with pytest.raises(FerError, match="teach.teachers is empty"):
-        teach_model("fernet", mp.distill, p.teach, processed / "train.npz", teachers)
+    with pytest.raises(FerError, match=r"teacher model\(s\) not found: teachers/oracle.keras"):
+        teach_model("fernet", mp.distill, processed / "train.npz", teachers)
 
     np.savez(teachers / "fernet.npz", probs=np.eye(len(CLASSES), dtype=np.float32)[train.y],
              ids=train.ids, classes=np.asarray(CLASSES), teachers=np.asarray(["oracle"]))
     res = train_model("fernet", mp, p.train, None, processed_dir=processed, teacher_dir=teachers)
     assert res.metrics["val_accuracy"] > 2 / len(CLASSES), res.metrics   # chance is 1/7
     with pytest.raises(ParamsError, match=r"distill.weight must be in \[0, 1\]"):
-        P.DistillParams(weight=1.5)
+        P.DistillParams(weight=1.5, teachers=["t.keras"])
+    with pytest.raises(ParamsError, match="distill.teachers is empty"):
+        P.DistillParams(weight=0.5)

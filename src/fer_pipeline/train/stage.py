@@ -20,6 +20,7 @@ from fer_pipeline import io
 from fer_pipeline.arrays import PROCESSED_DIR, SplitArrays, load_split, split_path
 from fer_pipeline.errors import FerError
 from fer_pipeline.params import MlflowParams, ModelParams, TrainParams
+from fer_pipeline.soft_labels import TEACHER_DIR, load_soft_labels, teacher_path
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,6 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
     out = Path(reports_dir or tp.reports_dir) / name
     data_files = [split_path(processed_dir, "train"), split_path(processed_dir, "val")]
     if mp.distill.on:   # the teachers' probabilities are data too: resume state and MLflow tags
-        from fer_pipeline.train.teach import TEACHER_DIR, teacher_path
-
         data_files.append(teacher_path(teacher_dir or TEACHER_DIR, name))
 
     # 1. Tracking first: an unreachable server fails in seconds, before anything heavy.
@@ -170,8 +169,6 @@ def _train_targets(onehot, mp: ModelParams, train: SplitArrays, teacher_file: li
     teachers' probabilities for the same image (validation keeps the plain labels)."""
     if not mp.distill.on:
         return onehot
-    from fer_pipeline.train.teach import load_soft_labels
-
     (path,) = teacher_file
     teacher = load_soft_labels(path).aligned_to(train, path)
     w = mp.distill.weight
