@@ -61,8 +61,8 @@ def teach(teachers: list[str | Path], split_file: str | Path, out: str | Path,
                        "models.<name>.distill.teachers")
     missing = [str(t) for t in teachers if not Path(t).is_file()]
     if missing:
-        raise MissingInputError(f"teacher model(s) not found: {', '.join(missing)} (teachers "
-                                f"are tracked by DVC: `dvc pull teachers`; teachers/README.md)")
+        raise MissingInputError(f"teacher model(s) not found: {', '.join(missing)} (see "
+                                f"teachers/README.md)")
     if temperature <= 0:
         raise FerError(f"temperature must be > 0, got {temperature}")
     import keras
