@@ -21,6 +21,7 @@ from fer_pipeline.errors import ERROR_FILE_ENV, EXIT_ERROR, EXIT_TRANSIENT, FerE
 
 PROCESSED_DIR = Path("data/processed")   # dvc.yaml's split outs (arrays.PROCESSED_DIR; not imported:
                                          # every stage would then load arrays.py)
+TEACHER_DIR = Path("data/teacher")       # teach@<name>'s outs (soft_labels.TEACHER_DIR; likewise)
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -283,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every model in params.yaml")
     p.add_argument("--processed-dir", type=Path, default=PROCESSED_DIR,
                    help="directory of train.npz (default: %(default)s)")
-    p.add_argument("--out-dir", type=Path, default=Path("data/teacher"),
+    p.add_argument("--out-dir", type=Path, default=TEACHER_DIR,
                    help="where NAME.npz goes (default: %(default)s; train reads it there)")
     p.set_defaults(func=_teach)
 

@@ -66,21 +66,18 @@ class Classifier:
     min_confidence: float = 0.0      # faces below it (after scaling) are flagged uncertain
 
     def predict(self, faces: np.ndarray) -> np.ndarray:
-        from fer_pipeline.tta import views
+        from fer_pipeline.tta import mean_probs
 
-        x = np.asarray(faces, dtype=np.float32)
-        all_views = views(x, self.tta)
-        total = None
-        for view in all_views:
+        def run(view: np.ndarray) -> np.ndarray:
             if self.kind == "onnx":
                 out = self.model.run(None, {self.model.get_inputs()[0].name: view})[0]
             elif self.kind == "keras":
                 out = self.model.predict(view, verbose=0)
             else:
                 out = self.model.predict(view)
-            probs = np.asarray(getattr(out, "values", out), dtype=np.float32)
-            total = probs if total is None else total + probs
-        mean = total / len(all_views)
+            return getattr(out, "values", out)
+
+        mean = mean_probs(run, faces, self.tta)
         if self.temperature != 1.0:
             from fer_pipeline.calibration import apply_temperature
 

@@ -2,8 +2,8 @@
 
 Trained models (the teachers, `models.NAME.distill.teachers`) score the train split once,
 averaged over test-time views and over teachers, and the result is cached as
-data/teacher/NAME.npz (format: soft_labels.py), which
-`train@NAME` mixes into its targets (`models.NAME.distill`). A model that does not distill
+data/teacher/NAME.npz (format: soft_labels.py), which `train@NAME` mixes into its targets
+(`models.NAME.distill`). A model that does not distill
 gets a file with no rows, written without loading anything: one file per model is what lets
 dvc.yaml give each `train@NAME` its own dep, so new teachers retrain only the students.
 
@@ -55,7 +55,7 @@ def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
 def teach(teachers: list[str | Path], split_file: str | Path, out: str | Path,
           tta_mode: str = "flip", temperature: float = 1.0, batch_size: int = 256) -> SoftLabels:
     """Score `split_file` with every teacher (mean over `tta_mode` views), average the
-    teachers, apply `temperature`, write `out` atomically."""
+    teachers, apply `temperature` (> 0: DistillParams checks it), write `out` atomically."""
     if not teachers:
         raise FerError("no teachers: list trained model files (.keras) in "
                        "models.<name>.distill.teachers")
@@ -63,12 +63,9 @@ def teach(teachers: list[str | Path], split_file: str | Path, out: str | Path,
     if missing:
         raise MissingInputError(f"teacher model(s) not found: {', '.join(missing)} (see "
                                 f"teachers/README.md)")
-    if temperature <= 0:
-        raise FerError(f"temperature must be > 0, got {temperature}")
     import keras
 
     split = load_split(split_file)
-    views = tta.views(split.x, tta_mode)
     total = np.zeros((len(split), len(split.classes)), dtype=np.float64)
     for i, path in enumerate(teachers, 1):
         t0 = time.perf_counter()
@@ -76,11 +73,11 @@ def teach(teachers: list[str | Path], split_file: str | Path, out: str | Path,
         if int(model.output_shape[-1]) != len(split.classes):
             raise FerError(f"{path}: predicts {model.output_shape[-1]} classes, the split has "
                            f"{len(split.classes)}")
-        p = np.mean([model.predict(v.astype(np.float32), batch_size=batch_size, verbose=0)
-                     for v in views], axis=0)
+        p = tta.mean_probs(lambda v, m=model: m.predict(v, batch_size=batch_size, verbose=0),
+                           split.x, tta_mode)
         total += p
-        log.info("teacher %d/%d %s: %d images x %d views in %.0f s, accuracy on them %.4f",
-                 i, len(teachers), path, len(split), len(views), time.perf_counter() - t0,
+        log.info("teacher %d/%d %s: %d images (tta %s) in %.0f s, accuracy on them %.4f",
+                 i, len(teachers), path, len(split), tta_mode, time.perf_counter() - t0,
                  float((p.argmax(1) == split.y).mean()))
     probs = sharpen(total / len(teachers), temperature)
     labels = SoftLabels(probs, split.ids, list(split.classes), [str(t) for t in teachers])

@@ -6,6 +6,8 @@ released model's figures were measured with (release/model.json `tta`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 MODES = ("none", "flip", "flip_crops")
@@ -24,6 +26,14 @@ def views(x: np.ndarray, mode: str) -> list[np.ndarray]:
     if mode == "flip_crops":
         out += [np.ascontiguousarray(v) for s in _shifted(x) for v in (s, s[:, :, ::-1, :])]
     return out
+
+
+def mean_probs(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
+               mode: str) -> np.ndarray:
+    """`predict`'s class probabilities averaged over the views of x (float32 (N, C))."""
+    all_views = views(np.asarray(x, dtype=np.float32), mode)
+    total = sum(np.asarray(predict(v), dtype=np.float32) for v in all_views)
+    return total / len(all_views)
 
 
 def _shifted(x: np.ndarray) -> list[np.ndarray]:

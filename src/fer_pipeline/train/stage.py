@@ -48,8 +48,10 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
     model_path = Path(models_dir or tp.models_dir) / name / "model.keras"
     out = Path(reports_dir or tp.reports_dir) / name
     data_files = [split_path(processed_dir, "train"), split_path(processed_dir, "val")]
-    if mp.distill.on:   # the teachers' probabilities are data too: resume state and MLflow tags
-        data_files.append(teacher_path(teacher_dir or TEACHER_DIR, name))
+    # The teachers' probabilities are data too (resume state, MLflow tags).
+    teacher_file = teacher_path(teacher_dir or TEACHER_DIR, name) if mp.distill.on else None
+    if teacher_file:
+        data_files.append(teacher_file)
 
     # 1. Tracking first: an unreachable server fails in seconds, before anything heavy.
     from fer_pipeline.train.mlflow_run import MlflowRun, NoRun
@@ -71,7 +73,7 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
     from fer_pipeline.train.resume import ResumeState, fingerprint, prior_best
 
     # 3. Data, precision, model.
-    train, val = _load_splits(data_files[:2])
+    train, val = _load_splits(*data_files[:2])
     n_classes = len(train.classes)
     keras.utils.set_random_seed(tp.seed)
     policy = apply_policy(tp.precision)
@@ -91,7 +93,7 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
     targets = recipe.compile_for_fit(fit_model, mp, n_classes, steps)
     # Endless datasets + explicit steps: one iterator per fit, not one per epoch.
     mixer = BatchMixer(mp.augmentation, tp.seed) if mp.augmentation.mixes else None
-    ytr = _train_targets(targets(train.y), mp, train, data_files[2:])
+    ytr = _train_targets(targets(train.y), mp, train, teacher_file)
     train_ds = make_dataset(xtr, ytr, mp.batch_size, shuffle=True, seed=tp.seed, repeat=True,
                             mixer=mixer)
     val_ds = make_dataset(xva, targets(val.y), mp.batch_size, repeat=True)
@@ -157,19 +159,18 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
                        run.run_id, run.model_uri, logger.first_epoch or 0)
 
 
-def _load_splits(data_files: list[Path]) -> tuple[SplitArrays, SplitArrays]:
-    train, val = load_split(data_files[0]), load_split(data_files[1])
+def _load_splits(train_file: Path, val_file: Path) -> tuple[SplitArrays, SplitArrays]:
+    train, val = load_split(train_file), load_split(val_file)
     if train.classes != val.classes:
         raise FerError(f"train and val class lists differ: {train.classes} vs {val.classes}")
     return train, val
 
 
-def _train_targets(onehot, mp: ModelParams, train: SplitArrays, teacher_file: list[Path]):
-    """The training targets: the labels, or with distillation on, (1 - w) * one-hot + w * the
-    teachers' probabilities for the same image (validation keeps the plain labels)."""
-    if not mp.distill.on:
+def _train_targets(onehot, mp: ModelParams, train: SplitArrays, path: Path | None):
+    """The training targets: the labels, or with distillation on (a teacher file), (1 - w) *
+    one-hot + w * the teachers' probabilities for the same image (validation keeps the labels)."""
+    if path is None:
         return onehot
-    (path,) = teacher_file
     teacher = load_soft_labels(path).aligned_to(train, path)
     w = mp.distill.weight
     log.info("distillation: targets = %.2f x label + %.2f x teachers' probabilities (%s; "
