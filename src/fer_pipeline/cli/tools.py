@@ -1,82 +1,16 @@
-"""`fer`: one subcommand per pipeline stage, plus `predict` and `run`.
-
-The only module that knows argparse. Each handler loads params.yaml once (`params.load`) and
-calls its stage's one function; stage modules are imported inside the handler, so a stage
-loads only its own code (what dvc.yaml lists as its deps) and `fer --help` stays fast. Errors
-the user can act on (`FerError`) print as one line; anything else is a bug and shows its
-traceback.
-"""
+"""The commands that are not pipeline stages: `fer promote`, `predict`, `serve`, `export`,
+`run`, `worker`. No dvc.yaml stage loads this module, so editing one of them reruns nothing."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
 from fer_pipeline import params as P
-from fer_pipeline.errors import ERROR_FILE_ENV, EXIT_ERROR, EXIT_TRANSIENT, FerError
-
-PROCESSED_DIR = Path("data/processed")   # dvc.yaml's split outs (arrays.PROCESSED_DIR; not imported:
-                                         # every stage would then load arrays.py)
-TEACHER_DIR = Path("data/teacher")       # teach@<name>'s outs (soft_labels.TEACHER_DIR; likewise)
-
-
-def _validate(args: argparse.Namespace) -> None:
-    p = P.load(args.params)
-    from fer_pipeline.data.validate import validate_dataset
-
-    validate_dataset(Path(p.data.raw_dir), p.data, p.validate, args.manifest, args.reports)
-
-
-def _clean(args: argparse.Namespace) -> None:
-    p = P.load(args.params)
-    from fer_pipeline.data.clean import run_clean
-
-    run_clean(args.manifest, args.report, args.summary, p.data, p.clean)
-
-
-def _split(args: argparse.Namespace) -> None:
-    p = P.load(args.params)
-    from fer_pipeline.data.split import run_split
-
-    run_split(args.report, args.out, args.counts, p.data, p.clean, p.split)
-
-
-def _train(args: argparse.Namespace) -> None:
-    p = P.load(args.params)
-    names = list(p.models) if args.all else args.model
-    if not names:
-        raise FerError("give --model NAME (repeatable) or --all")
-    recipes = {n: p.model(n) for n in names}   # every name checked before anything trains
-    from fer_pipeline.train.stage import train_model
-
-    for name, recipe in recipes.items():
-        train_model(name, recipe, p.train, p.mlflow, processed_dir=args.processed_dir)
-
-
-def _teach(args: argparse.Namespace) -> None:
-    p = P.load(args.params)
-    names = list(p.models) if args.all else args.model
-    if not names:
-        raise FerError("give --model NAME (repeatable) or --all")
-    recipes = {n: p.model(n) for n in names}
-    from fer_pipeline.teach import teach_model
-
-    for name, recipe in recipes.items():
-        teach_model(name, recipe.distill, args.processed_dir / "train.npz", args.out_dir)
-
-
-def _evaluate(args: argparse.Namespace) -> None:
-    p = P.load(args.params)
-    from fer_pipeline.evaluate.stage import evaluate_models
-
-    result = evaluate_models(p.models, p.train, p.mlflow, p.evaluate, p.registry,
-                             names=args.model, register=False if args.no_register else None,
-                             promote=True if args.promote else None)
-    print((result.reports_dir / "comparison.md").read_text())
+from fer_pipeline.errors import FerError
 
 
 def _promote(args: argparse.Namespace) -> None:
@@ -245,60 +179,27 @@ def _registry_line(experiment: str) -> str:
             f"v{outcome.get('version')}: {decision} ({reason})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fer", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="debug logging, and tracebacks for user errors too")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _worker(args: argparse.Namespace) -> int:
+    from fer_pipeline.backend import requested
+    from fer_pipeline.worker import allowed_by_env, check_devices, prefect_command
 
-    p = sub.add_parser("validate", help="measure the raw files and run the GX suite")
-    p.add_argument("--manifest", type=Path, default=Path("data/interim/manifest.csv"))
-    p.add_argument("--reports", type=Path, default=Path("reports/validate"))
-    p.set_defaults(func=_validate)
+    train = P.load(args.params).train if Path(args.params).is_file() else P.TrainParams()
+    backend = requested(train.backend)
+    allow = args.allow_no_gpu or allowed_by_env()
+    found = check_devices(args.pool, backend, allow)
+    print(f"fer worker: pool {args.pool}, Keras backend {backend}, devices: "
+          + "; ".join(map(str, found)), file=sys.stderr)
+    if not any(d.kind == "gpu" for d in found) and allow:
+        print("fer worker: no GPU, allowed: trainings run on this machine's CPU", file=sys.stderr)
+    # The flow runs this worker starts train on what was checked here.
+    os.environ["KERAS_BACKEND"] = backend
+    cmd = prefect_command(args.pool, args.queue, args.limit, args.name)
+    print("fer worker: " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
 
-    p = sub.add_parser("clean", help="decide kept/dropped for every raw file")
-    p.add_argument("--manifest", type=Path, default=Path("data/interim/manifest.csv"))
-    p.add_argument("--report", type=Path, default=Path("data/interim/clean_report.csv"))
-    p.add_argument("--summary", type=Path, default=Path("reports/clean/summary.json"))
-    p.set_defaults(func=_clean)
 
-    p = sub.add_parser("split", help="stratified train/val split; write uint8 arrays")
-    p.add_argument("--report", type=Path, default=Path("data/interim/clean_report.csv"))
-    p.add_argument("--out", type=Path, default=PROCESSED_DIR)
-    p.add_argument("--counts", type=Path, default=Path("reports/split/counts.json"))
-    p.set_defaults(func=_split)
-
-    p = sub.add_parser("train", help="train models.<NAME> on the split arrays (MLflow)")
-    p.add_argument("--model", action="append", metavar="NAME",
-                   help="model key under `models:` in params.yaml (repeatable)")
-    p.add_argument("--all", action="store_true", help="train every model in params.yaml")
-    p.add_argument("--processed-dir", type=Path, default=PROCESSED_DIR,
-                   help="directory of train/val npz (default: %(default)s)")
-    p.set_defaults(func=_train)
-
-    p = sub.add_parser("teach", help="teacher probabilities on the train split for "
-                                     "models.<NAME>.distill (distillation)")
-    p.add_argument("--model", action="append", metavar="NAME",
-                   help="model key under `models:` in params.yaml (repeatable)")
-    p.add_argument("--all", action="store_true", help="every model in params.yaml")
-    p.add_argument("--processed-dir", type=Path, default=PROCESSED_DIR,
-                   help="directory of train.npz (default: %(default)s)")
-    p.add_argument("--out-dir", type=Path, default=TEACHER_DIR,
-                   help="where NAME.npz goes (default: %(default)s; train reads it there)")
-    p.set_defaults(func=_teach)
-
-    p = sub.add_parser("evaluate", help="score trained models on the test split, compare, "
-                                        "register the champion")
-    p.add_argument("--model", action="append", metavar="NAME",
-                   help="evaluate only this model (repeatable; default: every trained model)")
-    p.add_argument("--no-register", action="store_true",
-                   help="do not touch the model registry (params registry.enabled=false does too)")
-    p.add_argument("--promote", action="store_true",
-                   help="let this run promote even with registry.promote=false or a --model "
-                        "subset (the policy still decides)")
-    p.set_defaults(func=_evaluate)
-
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("promote", help="move the registry's champion alias by hand (rollback)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--to", choices=["previous"], help="roll back to @previous")
@@ -358,60 +259,3 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start on a machine without a GPU (trainings on CPU); "
                         "or FER_WORKER_ALLOW_NO_GPU=1")
     p.set_defaults(func=_worker)
-    return parser
-
-
-def _worker(args: argparse.Namespace) -> int:
-    from fer_pipeline.backend import requested
-    from fer_pipeline.worker import allowed_by_env, check_devices, prefect_command
-
-    train = P.load(args.params).train if Path(args.params).is_file() else P.TrainParams()
-    backend = requested(train.backend)
-    allow = args.allow_no_gpu or allowed_by_env()
-    found = check_devices(args.pool, backend, allow)
-    print(f"fer worker: pool {args.pool}, Keras backend {backend}, devices: "
-          + "; ".join(map(str, found)), file=sys.stderr)
-    if not any(d.kind == "gpu" for d in found) and allow:
-        print("fer worker: no GPU, allowed: trainings run on this machine's CPU", file=sys.stderr)
-    # The flow runs this worker starts train on what was checked here.
-    os.environ["KERAS_BACKEND"] = backend
-    cmd = prefect_command(args.pool, args.queue, args.limit, args.name)
-    print("fer worker: " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
-    os.execv(cmd[0], cmd)
-    return 0  # not reached
-
-
-def _report_error(exc: FerError) -> None:
-    """Tell a runner the error's type (it sees `dvc repro`'s output, not our exit status)."""
-    path = os.environ.get(ERROR_FILE_ENV)
-    if path:
-        Path(path).write_text(json.dumps({"type": type(exc).__name__,
-                                          "transient": exc.transient, "message": str(exc)}))
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("great_expectations", "mlflow.utils", "alembic", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        return int(args.func(args) or 0)
-    except FerError as exc:
-        if args.verbose:
-            import traceback
-
-            traceback.print_exc()
-        _report_error(exc)
-        print(f"fer {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_TRANSIENT if exc.transient else EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"fer {args.command}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
