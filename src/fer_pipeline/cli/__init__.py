@@ -29,21 +29,24 @@ COMMANDS = {"validate": "data", "clean": "data", "split": "data", "train": "trai
             "serve": "tools", "export": "tools", "run": "tools", "worker": "tools"}
 
 
+def _with_globals(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options before the command (`--params`, `-v`)."""
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and tracebacks for user errors too")
+    return parser
+
+
 def _command(argv: list[str]) -> str | None:
     """The subcommand named in argv (None for `fer --help`, a typo, or none given)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--params")
-    pre.add_argument("-v", "--verbose", action="store_true")
-    _, rest = pre.parse_known_args(argv)
+    _, rest = _with_globals(argparse.ArgumentParser(add_help=False)).parse_known_args(argv)
     return rest[0] if rest and rest[0] in COMMANDS else None
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """`fer`'s parser; with `command`, only that command's module is loaded and registered."""
-    parser = argparse.ArgumentParser(prog="fer", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="debug logging, and tracebacks for user errors too")
+    parser = _with_globals(argparse.ArgumentParser(prog="fer",
+                                                   description=__doc__.splitlines()[0]))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = [COMMANDS[command]] if command else list(dict.fromkeys(COMMANDS.values()))
     for name in modules:

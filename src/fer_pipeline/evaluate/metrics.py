@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from fer_pipeline.arrays import TEST_FLAGS
-from fer_pipeline.tta import views as tta_views
+from fer_pipeline.tta import mean_probs
 
 
 @dataclass
@@ -34,16 +34,16 @@ def predict_proba(model: Any, x: np.ndarray, batch_size: int = 256, tta: str = "
     The speed reported is that of the plain pass: images/s of the model itself at this batch
     size.
     """
-    xf = np.asarray(x, dtype=np.float32)
-    all_views = tta_views(xf, tta)          # raises on an unknown mode, before any work
-    t0 = time.perf_counter()
-    probs = np.asarray(model.predict(xf, batch_size=batch_size, verbose=0), dtype=np.float32)
-    seconds = time.perf_counter() - t0
-    for view in all_views[1:]:
-        probs = probs + np.asarray(model.predict(view, batch_size=batch_size, verbose=0),
-                                   dtype=np.float32)
-    probs = probs / len(all_views)
-    return Prediction(probs, seconds, len(xf) / max(seconds, 1e-9))
+    seconds: list[float] = []
+
+    def timed(view: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = model.predict(view, batch_size=batch_size, verbose=0)
+        seconds.append(time.perf_counter() - t0)
+        return out
+
+    probs = mean_probs(timed, x, tta)       # raises on an unknown mode, before any work
+    return Prediction(probs, seconds[0], len(probs) / max(seconds[0], 1e-9))
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
