@@ -8,9 +8,7 @@ from pathlib import Path
 from fer_pipeline import params as P
 from fer_pipeline.cli import PROCESSED_DIR
 from fer_pipeline.errors import FerError
-
-TEACHER_DIR = Path("data/teacher")   # teach@<name>'s outs (soft_labels.TEACHER_DIR; not imported:
-                                     # this command would then load soft_labels.py for nothing)
+from fer_pipeline.soft_labels import TEACHER_DIR  # the stage loads it anyway (teach.py)
 
 
 def _teach(args: argparse.Namespace) -> None:
