@@ -108,6 +108,22 @@ def test_recipe_summary_names_what_a_profile_traded_away():
     assert "class weights" in study.model("resnet50").summary()
 
 
+def test_blocks_per_stage_is_one_count_or_one_per_stage():
+    """fernet's depth per resolution stage: a list must match conv_filters, counts >= 1."""
+    assert P.load(ROOT / "params.yaml").model("fernet").stage_blocks() == [2, 2, 2, 2]
+    one = P.load(ROOT / "params.yaml", ["models.fernet.blocks_per_stage=[1, 2, 2, 2]"])
+    assert one.model("fernet").stage_blocks() == [1, 2, 2, 2]
+    assert "convs per stage 1-2-2-2" in one.model("fernet").summary()
+    assert "convs per stage" not in P.load(ROOT / "params.yaml").model("fernet").summary()
+    with pytest.raises(P.ParamsError, match="models.fernet.blocks_per_stage lists 3 stages but "
+                                            "conv_filters has 4"):
+        P.load(ROOT / "params.yaml", ["models.fernet.blocks_per_stage=[1, 2, 2]"])
+    with pytest.raises(P.ParamsError, match=r"models.fernet.blocks_per_stage must be >= 1"):
+        P.load(ROOT / "params.yaml", ["models.fernet.blocks_per_stage=[0, 2, 2, 2]"])
+    with pytest.raises(P.ParamsError, match=r"models.fernet.blocks_per_stage\[1\] must be int"):
+        P.load(ROOT / "params.yaml", ["models.fernet.blocks_per_stage=[1, two, 2, 2]"])
+
+
 def test_a_cap_below_one_is_refused_by_name():
     with pytest.raises(P.ParamsError, match="data.max_test_per_class must be null or >= 1"):
         P.from_dict({"data": {"max_test_per_class": 0}})

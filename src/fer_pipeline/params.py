@@ -190,7 +190,8 @@ class ModelParams:
     lr_schedule: str = "plateau"            # plateau (ReduceLROnPlateau, the study) | cosine
     warmup_epochs: int = 0                  # cosine: linear warm-up epochs
     label_smoothing: float = 0.0            # cross-entropy label smoothing
-    blocks_per_stage: int = 2               # fernet: conv blocks per resolution stage
+    blocks_per_stage: int | list[int] = 2   # fernet: conv blocks per resolution stage (one number
+                                            # for all, or one per stage of conv_filters)
     width: float = 1.0                      # multiplier on conv filters and dense units (tests)
     conv_filters: list[int] = field(default_factory=lambda: [32, 64, 128, 512])
     dense_units: list[int] = field(default_factory=lambda: [887])
@@ -234,12 +235,23 @@ class ModelParams:
                               f"only, not {self.arch}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ParamsError("epochs and batch_size must be >= 1")
+        blocks = self.blocks_per_stage
+        if isinstance(blocks, list) and len(blocks) != len(self.conv_filters):
+            raise ParamsError(f"blocks_per_stage lists {len(blocks)} stages but conv_filters "
+                              f"has {len(self.conv_filters)}: give one count per stage or one number")
+        if min(blocks if isinstance(blocks, list) else [blocks], default=1) < 1:
+            raise ParamsError(f"blocks_per_stage must be >= 1 per stage, got {blocks}")
         if self.arch in TRANSFER_ARCHS and self.input_size < 32:
             raise ParamsError(f"input_size must be >= 32 for {self.arch}, got {self.input_size}")
 
     @property
     def is_transfer(self) -> bool:
         return self.arch in TRANSFER_ARCHS
+
+    def stage_blocks(self) -> list[int]:
+        """Conv blocks of each stage of `conv_filters` (fernet)."""
+        b = self.blocks_per_stage
+        return list(b) if isinstance(b, list) else [b] * len(self.conv_filters)
 
     def scaled(self, n: int) -> int:
         """Filters or units after the width multiplier (at least one)."""
@@ -265,6 +277,8 @@ class ModelParams:
             parts.append(f"dense {'+'.join(map(str, units)) or 'none'} dropout {self.dropout:g}")
         else:                                   # fernet: GAP -> dropout -> classifier
             parts.append(f"dropout {self.dropout:g}")
+        if self.arch == "fernet" and self.stage_blocks() != [2] * len(self.conv_filters):
+            parts.append(f"convs per stage {'-'.join(map(str, self.stage_blocks()))}")
         if self.bn_momentum != 0.99:
             parts.append(f"BN momentum {self.bn_momentum:g}")
         if self.ema:
@@ -458,13 +472,15 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
+        errors = {}
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(arg, value, where)
             except ParamsError as exc:
-                errors.append(str(exc))
-        raise ParamsError(errors[0] if errors else f"{where}: bad value {value!r}")
+                errors[arg] = str(exc)
+        # the arm of the value's own shape (a list for a list) says what is wrong inside it
+        shaped = [e for a, e in errors.items() if (typing.get_origin(a) is list) == isinstance(value, list)]
+        raise ParamsError((shaped or list(errors.values()) or [f"{where}: bad value {value!r}"])[0])
     if origin is list:
         if not isinstance(value, list):
             raise ParamsError(f"{where} must be a list, got {value!r}")

@@ -541,6 +541,23 @@ def test_members_train_each_on_its_own_loss_and_the_model_answers_their_mean(
         P.ModelParams(arch="custom_cnn", members=2)
 
 
+def test_fernet_builds_the_convs_each_stage_asks_for():
+    """blocks_per_stage [1, 2, 2, 2]: one conv at 48 px, two at every later resolution."""
+    import keras
+
+    from fer_pipeline.train.models import build_model
+
+    keras.mixed_precision.set_global_policy("float32")
+    convs = {}
+    for blocks in (2, [1, 2, 2, 2]):
+        mp = P.ModelParams(arch="fernet", width=0.125, dense_units=[],
+                           conv_filters=[32, 64, 128, 256], blocks_per_stage=blocks)
+        convs[str(blocks)] = [layer.name for layer in build_model(mp, 7).model.layers
+                              if isinstance(layer, keras.layers.Conv2D)]
+    assert len(convs["2"]) == 8
+    assert convs["[1, 2, 2, 2]"] == [n for n in convs["2"] if n != "s1_conv2"]
+
+
 def _tiny_fernet_file(path: Path, seed: int) -> Path:
     import keras
 

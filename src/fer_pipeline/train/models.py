@@ -201,10 +201,12 @@ def build_fernet(mp: ModelParams, num_classes: int, image_size: int = 48,
                  seed: int | None = None) -> BuiltModel:
     """The fifth model: a VGG-style network sized for 48x48 faces and a CPU budget.
 
-    Stages of `blocks_per_stage` conv-BN-ReLU blocks at widths `conv_filters`, each followed by
-    2x2 max-pooling (48 -> 24 -> 12 -> 6 -> 3), then global average pooling, dropout and the
-    classifier. No large dense layer: ~1.2M parameters and ~0.24 GFLOPs per image instead of
-    the custom CNN's 17M and ~0.37, so more epochs fit in the same time.
+    Stages of `blocks_per_stage` conv-BN-ReLU blocks (one count, or one per stage: the 48-px
+    stage holds half the activations, so one conv there is the cheapest cut of time) at widths
+    `conv_filters`, each followed by 2x2 max-pooling (48 -> 24 -> 12 -> 6 -> 3), then global
+    average pooling, dropout and the classifier. No large dense layer: ~1.2M parameters and
+    ~0.24 GFLOPs per image instead of the custom CNN's 17M and ~0.37, so more epochs fit in the
+    same time.
 
     `members` > 1: that many such networks (own initialisation, own dropout) side by side on
     the same input. The training model outputs each member's probabilities, (N, members,
@@ -234,8 +236,8 @@ def build_fernet(mp: ModelParams, num_classes: int, image_size: int = 48,
 
 def _fernet_body(x, mp: ModelParams, num_classes: int):
     """fernet from scaled pixels to class probabilities."""
-    for s, f in enumerate(mp.conv_filters):
-        for b in range(mp.blocks_per_stage):
+    for s, (f, blocks) in enumerate(zip(mp.conv_filters, mp.stage_blocks(), strict=True)):
+        for b in range(blocks):
             x = keras.layers.Conv2D(mp.scaled(f), 3, padding="same", use_bias=False,
                                     name=f"s{s + 1}_conv{b + 1}")(x)
             x = keras.layers.BatchNormalization(momentum=mp.bn_momentum,
