@@ -116,7 +116,7 @@ class EpochLogger(keras.callbacks.Callback):
         self.rows = list(rows)
         self.listeners = list(listeners)
         self.first_epoch: int | None = None
-        self._t0 = 0.0
+        self._t0 = self._cpu0 = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.first_epoch is None:
@@ -125,27 +125,32 @@ class EpochLogger(keras.callbacks.Callback):
             self.rows = [r for r in self.rows if int(r["epoch"]) < epoch]
             if epoch:
                 log.info("resuming from epoch %d (epochs 1-%d restored)", epoch + 1, epoch)
-        self._t0 = time.perf_counter()
+        self._t0, self._cpu0 = time.perf_counter(), time.process_time()
 
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
         secs = time.perf_counter() - self._t0
+        # CPU seconds of all threads: the work done, which a VM's stolen vCPU time does not
+        # inflate (wall time there snaps to a few values whatever the network; results.md
+        # 2026-12-07 03:52), so two recipes compare on it
+        cpu = time.process_time() - self._cpu0
         lr = logs.get("learning_rate")
         if lr is None:
             try:
                 lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             except Exception:  # noqa: BLE001 - a schedule object: not worth failing over
                 lr = float("nan")
-        row = {"epoch": epoch, "seconds": round(secs, 3), "learning_rate": float(lr)}
+        row = {"epoch": epoch, "seconds": round(secs, 3), "cpu_seconds": round(cpu, 3),
+               "learning_rate": float(lr)}
         for k in ("loss", "accuracy", "val_loss", "val_accuracy"):
             row[k] = float(logs.get(k, float("nan")))
         self.rows.append(row)
         for listener in self.listeners:
             listener(self.rows)
         log.info("epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  "
-                 "lr %.2g  %.1fs (%.0f img/s)", epoch + 1, self.total, row["loss"],
+                 "lr %.2g  %.1fs (%.0f img/s, %.1f CPU s)", epoch + 1, self.total, row["loss"],
                  row["accuracy"], row["val_loss"], row["val_accuracy"], row["learning_rate"],
-                 secs, self.n / max(secs, 1e-9))
+                 secs, self.n / max(secs, 1e-9), cpu)
 
 
 class BestKeeper(keras.callbacks.Callback):

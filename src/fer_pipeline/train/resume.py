@@ -29,7 +29,7 @@ from fer_pipeline.params import ModelParams
 log = logging.getLogger(__name__)
 
 HISTORY_FIELDS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate",
-                  "seconds"]
+                  "seconds", "cpu_seconds"]   # a row restored from an older state: cpu empty
 
 
 def fingerprint(name: str, mp: ModelParams, seed: int, policy: str,

@@ -138,6 +138,7 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
             "epochs_run": len(rows), "pretrained": built.pretrained, "trainable_params": n_params,
             "train_seconds": round(train_seconds, 1), "train_images": len(train),
             "seconds_per_epoch": round(sum(float(r["seconds"]) for r in rows) / len(rows), 2),
+            "cpu_seconds_per_epoch": _mean_cpu(rows),
             # What it was trained and validated on: evaluate ranks only models whose val split
             # is the current one.
             "data_md5_train": io.md5_file(data_files[0]), "data_md5_val": io.md5_file(data_files[1]),
@@ -210,3 +211,10 @@ def _final_metrics(best, mp: ModelParams, train: SplitArrays, val: SplitArrays,
     va = model.evaluate(make_dataset(xva, val.y, bs), verbose=0, return_dict=True)
     return {"train_loss": float(tr["loss"]), "train_accuracy": float(tr["accuracy"]),
             "val_loss": float(va["loss"]), "val_accuracy": float(va["accuracy"])}
+
+
+def _mean_cpu(rows: list[dict]) -> float | None:
+    """Mean CPU seconds per epoch over the rows that have them (rows restored from a state
+    written before the column existed have none)."""
+    cpu = [float(r["cpu_seconds"]) for r in rows if r.get("cpu_seconds") not in (None, "")]
+    return round(sum(cpu) / len(cpu), 2) if cpu else None
