@@ -239,7 +239,7 @@ class ModelParams:
         if isinstance(blocks, list) and len(blocks) != len(self.conv_filters):
             raise ParamsError(f"blocks_per_stage lists {len(blocks)} stages but conv_filters "
                               f"has {len(self.conv_filters)}: give one count per stage or one number")
-        if min(blocks if isinstance(blocks, list) else [blocks], default=1) < 1:
+        if min(self.stage_blocks(), default=1) < 1:
             raise ParamsError(f"blocks_per_stage must be >= 1 per stage, got {blocks}")
         if self.arch in TRANSFER_ARCHS and self.input_size < 32:
             raise ParamsError(f"input_size must be >= 32 for {self.arch}, got {self.input_size}")

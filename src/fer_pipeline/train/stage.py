@@ -137,8 +137,8 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
             "best_epoch": int(recipe.best_row(rows, mp.monitor)["epoch"]) + 1,
             "epochs_run": len(rows), "pretrained": built.pretrained, "trainable_params": n_params,
             "train_seconds": round(train_seconds, 1), "train_images": len(train),
-            "seconds_per_epoch": round(sum(float(r["seconds"]) for r in rows) / len(rows), 2),
-            "cpu_seconds_per_epoch": _mean_cpu(rows),
+            "seconds_per_epoch": _per_epoch(rows, "seconds"),
+            "cpu_seconds_per_epoch": _per_epoch(rows, "cpu_seconds"),
             # What it was trained and validated on: evaluate ranks only models whose val split
             # is the current one.
             "data_md5_train": io.md5_file(data_files[0]), "data_md5_val": io.md5_file(data_files[1]),
@@ -213,8 +213,8 @@ def _final_metrics(best, mp: ModelParams, train: SplitArrays, val: SplitArrays,
             "val_loss": float(va["loss"]), "val_accuracy": float(va["accuracy"])}
 
 
-def _mean_cpu(rows: list[dict]) -> float | None:
-    """Mean CPU seconds per epoch over the rows that have them (rows restored from a state
-    written before the column existed have none)."""
-    cpu = [float(r["cpu_seconds"]) for r in rows if r.get("cpu_seconds") not in (None, "")]
-    return round(sum(cpu) / len(cpu), 2) if cpu else None
+def _per_epoch(rows: list[dict], key: str) -> float | None:
+    """Mean of `key` over the rows that have it (rows restored from a resume state written
+    before `cpu_seconds` existed have none)."""
+    vals = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+    return round(sum(vals) / len(vals), 2) if vals else None
