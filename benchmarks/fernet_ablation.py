@@ -133,7 +133,8 @@ def main() -> None:
     ev = next(iter(variants.values())).evaluate if variants else P.load(args.params).evaluate
     rp = ev.robustness
 
-    def score(name: str, model, secs: float | None, kept: str, refit: bool = False) -> None:
+    def score(name: str, model, secs: tuple[float, float] | None, kept: str,
+              refit: bool = False) -> None:
         """One table row: full val (not for a refit model: half A was trained on), flip TTA,
         half B (every row), the suite on val (not for a refit model)."""
         probs = predict_proba(model, val.x, tta="none").probs.argmax(1)
@@ -142,7 +143,7 @@ def main() -> None:
                      "flip": None if refit else float((flip == val.y).mean()),
                      "half_b": float((probs[half_b] == val.y[half_b]).mean()),
                      "flip_b": float((flip[half_b] == val.y[half_b]).mean()),
-                     "secs": secs, "kept": kept,
+                     "secs": secs, "kept": kept,   # (wall, CPU) seconds of training
                      "suite": None if refit else suite_metrics(model, val, ev, args.suite)})
         print(rows[-1], flush=True)
 
@@ -153,7 +154,7 @@ def main() -> None:
         score(f"saved model `{path.name}` ({path.parent.name})",
               keras.saving.load_model(path, compile=False), None, "-")
     for name, p in variants.items():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         data = tmp
         if name == REFIT:
             data = tmp / "refit"
@@ -164,8 +165,8 @@ def main() -> None:
                           models_dir=data / "models", reports_dir=data / "reports",
                           state_dir=data / "state")
         kept = f"{res.metrics['best_epoch']}/{res.metrics['epochs_run']}"
-        score(name, keras.saving.load_model(res.model_path), time.perf_counter() - t0, kept,
-              refit=name == REFIT)
+        secs = (time.perf_counter() - t0, time.process_time() - c0)
+        score(name, keras.saving.load_model(res.model_path), secs, kept, refit=name == REFIT)
 
     base_row = next((r for r in rows if r["val"] is not None), None)
     cap = f"{args.cap} training images per class (of the train split)" if args.cap else \
@@ -176,14 +177,17 @@ def main() -> None:
     lines = [f"- {trained}; full validation split ({len(val)} images); test set not read",
              f"- val half B: {len(half_b)} of the validation images (stratified, seed 0); the "
              f"refit row trains on train + the other {len(half_a)} and is scored on B only; "
-             "kept = the epoch the stage kept (by val accuracy) / epochs run"]
+             "kept = the epoch the stage kept (by val accuracy) / epochs run; wall s and CPU s: "
+             "training's wall-clock and process CPU seconds (a VM's wall clock need not follow "
+             "the work: compare variants by CPU seconds)"]
     if args.suite:
         lines.append(f"- corruption suite on {min(args.suite, len(val))} validation images "
                      f"(seed {rp.seed}), no TTA, mean over severities {rp.severities}")
     cols = ["suite clean", "suite mean", "worst drop", *rp.corruptions] if args.suite else []
     lines += ["", ("| variant | val acc | val acc, flip TTA | vs first row | val half B | "
-                   "half B, flip | kept | wall s | " + "".join(f"{c} | " for c in cols)).rstrip(),
-              "|---|---|---|---|---|---|---|---|" + "---|" * len(cols)]
+                   "half B, flip | kept | wall s | CPU s | " + "".join(f"{c} | " for c in cols)
+                   ).rstrip(),
+              "|---|---|---|---|---|---|---|---|---|" + "---|" * len(cols)]
     for r in rows:
         suite = r["suite"]
         cells = ([f"{suite['robust_clean_accuracy']:.4f}", f"{suite['robust_mean_accuracy']:.4f}",
@@ -194,7 +198,8 @@ def main() -> None:
               f"{(r['half_b'] - base_row['half_b']) * 100:+.1f} pt (B)") if base_row else "-"
         lines.append(f"| {r['name']} | {fmt(r['val'])} | {fmt(r['flip'])} | {vs} | "
                      f"{r['half_b']:.4f} | {r['flip_b']:.4f} | {r['kept']} | "
-                     f"{'-' if r['secs'] is None else round(r['secs'])} |"
+                     + ("- | - |" if r["secs"] is None else
+                        f"{r['secs'][0]:.0f} | {r['secs'][1]:.0f} |")
                      + "".join(f" {c} |" for c in cells))
     title = "fernet ablation" + {"robust": " (robustness levers)",
                                  "levers": " (champion levers)"}.get(args.variant_set, "")
