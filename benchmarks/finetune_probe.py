@@ -10,7 +10,7 @@ are computed first with `teach_model`, into the workspace. `--wise A ...` then w
 weight-space blends (1 - A) * init + A * fine-tuned (every float weight, batch-norm statistics
 included; Wortsman et al. 2022) and `fernet_ablation.py --score` scores the fine-tuned model
 and the blends on the validation split with the corruption suite, appending its table to
-`--results`. The test set is never read; nothing outside the workspace is written.
+`--results`. The test set is never read; in the checkout only `--results` is written.
 
     python benchmarks/finetune_probe.py -S models.fernet.epochs=10 \
         -S models.fernet.learning_rate=0.0005 -S models.fernet.warmup_epochs=0 \
