@@ -35,6 +35,13 @@ from fer_pipeline.arrays import PROCESSED_DIR, split_path
 from fer_pipeline.errors import FerError
 
 
+def layers_by_name(path: Path) -> dict:
+    """The layers of a saved model by name: how both the start and the blend match weights."""
+    import keras
+
+    return {layer.name: layer for layer in keras.saving.load_model(path, compile=False).layers}
+
+
 def start_from(init: Path):
     """A `build_model` that returns the usual network with `init`'s weights in it."""
     import fer_pipeline.train.models as models
@@ -42,10 +49,8 @@ def start_from(init: Path):
     build = models.build_model
 
     def build_model(*args, **kwargs):
-        import keras
-
         built = build(*args, **kwargs)
-        source = {layer.name: layer for layer in keras.saving.load_model(init, compile=False).layers}
+        source = layers_by_name(init)
         with_weights = [layer for layer in built.model.layers if layer.weights]
         missing = [layer.name for layer in with_weights if layer.name not in source]
         if missing:
@@ -63,7 +68,7 @@ def blend(init: Path, tuned: Path, alpha: float, out: Path) -> Path:
     import keras
 
     model = keras.saving.load_model(tuned, compile=False)
-    source = {layer.name: layer for layer in keras.saving.load_model(init, compile=False).layers}
+    source = layers_by_name(init)
     for layer in model.layers:
         if layer.weights:
             layer.set_weights([(1 - alpha) * a + alpha * t if t.dtype.kind == "f" else t
