@@ -15,6 +15,7 @@ single-machine setup) and its current branch. Only committed code reaches the wo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -47,6 +48,40 @@ def default_branch() -> str:
     return _git("branch", "--show-current") or "main"
 
 
+ZOMBIE_AUTOMATION = "fer: crash silent flow runs"
+
+
+def ensure_zombie_automation(within_s: float) -> None:
+    """Prefect's zombie detection (docs: detect-zombie-flows): after a flow run's heartbeat,
+    expect another one or a final state within `within_s`, else mark the run Crashed. Workers
+    send heartbeats (`fer worker` sets PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30); a dead machine's
+    training is then retried by the parent on another worker within minutes, not at its
+    train timeout. Replaced on every deploy (idempotent)."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    with contextlib.suppress(ValueError):      # ValueError: none yet
+        Automation.read(name=ZOMBIE_AUTOMATION).delete()
+    Automation(
+        name=ZOMBIE_AUTOMATION,
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
+                    "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
+                    "prefect.flow-run.Crashed"},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+            within=timedelta(seconds=within_s)),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message="no heartbeat: its worker stopped answering")],
+    ).create()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pool", default="gpu", help="work pool (default: %(default)s)")
@@ -57,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
                          "the origin remote, else this checkout)")
     ap.add_argument("--branch", default=os.environ.get("FER_GIT_BRANCH"),
                     help="branch they clone (default: FER_GIT_BRANCH, else the current branch)")
+    ap.add_argument("--zombie-after-s", type=float,
+                    default=float(os.environ.get("FER_ZOMBIE_AFTER_S", "90")),
+                    help="a flow run with no heartbeat for this long is marked Crashed, and its "
+                         "training retried on another worker (default: %(default)s)")
     args = ap.parse_args(argv)
     repository = args.repository or default_repository()
     branch = args.branch or default_branch()
@@ -80,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     prefect("concurrency-limit", "delete", "gpu", check=False)
     prefect("concurrency-limit", "create", "gpu", str(args.gpus))
     print(f"concurrency limit: tag gpu = {args.gpus} training(s) at once")
+
+    ensure_zombie_automation(args.zombie_after_s)
+    print(f"automation {ZOMBIE_AUTOMATION!r}: a flow run silent for {args.zombie_after_s:g}s "
+          f"is marked Crashed (workers send heartbeats every 30 s)")
 
     env = dict(os.environ, FER_GIT_REPOSITORY=repository, FER_GIT_BRANCH=branch)
     print(f"workers clone {repository} (branch {branch}) for each run")

@@ -36,7 +36,8 @@ from fer_pipeline.tracking import git_info
 TRAIN_DEPLOYMENT = os.environ.get("FER_TRAIN_DEPLOYMENT", "fer-train/gpu")
 GPU_STAGES = {"train"}           # foreach stages whose items hold a GPU: tagged `gpu`
 GPU_TAG = "gpu"
-RUN_INFO = ".fer-run.json"       # written by fer-train into its workspace
+TRANSIENT_STATE = "FailedTransient"   # a fer-train run's final state when a retry may pass
+TRAIN_ATTEMPTS = int(os.environ.get("FER_TRAIN_ATTEMPTS", "3"))   # a job's tries over workers
 RETRIES = int(os.environ.get("FER_STAGE_RETRIES", "2"))
 RETRY_DELAY_S = float(os.environ.get("FER_STAGE_RETRY_DELAY_S", "30"))
 # dispatch="workers": how long a fer-train run may wait for a worker to pick it up, and how long
@@ -91,29 +92,42 @@ def run_in_workspace(stage: str, workspace: str, project_dir: str, run_id: str) 
 
 
 @flow(name="fer-train", log_prints=True)
-def fer_train(stage: str, workspace: str, project_dir: str, run_id: str) -> dict[str, Any]:
-    """One foreach item (e.g. train@vgg16) in a prepared workspace: the unit a `gpu` worker runs.
-    `project_dir` is the checkout (for its MLflow store). Only a train@<model> item, only in a
-    workspace under FER_WORKSPACE_DIR (docs/security.md)."""
-    orch.check_train_inputs(stage, workspace)
-    os.environ[orch.RUN_ID_ENV] = run_id
-    started = time.time()
-    # Who ran it, for the parent's report (the return value itself is not persisted), and on a
-    # failure whether it may pass: the parent sees this run's state, not the exception's type.
-    info: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(),
-                            "worker_pid": os.getppid(), "flow_run": flow_run.name,
-                            "started": started}
+def fer_train(job: dict[str, Any]) -> Any:
+    """One stage job on a `gpu` worker (fer_pipeline.runner.worker): its own clone of the
+    job's repository at the job's commit, inputs pulled from and outputs pushed to the team's
+    DVC remote, the result (dvc.lock entry, small outputs) put beside them for the parent. The
+    job is data (repository URL, commit, stage, overrides, run id, lock entries), every field
+    checked here (docs/security.md). A failure that may pass ends in the state named
+    TRANSIENT_STATE, so the parent retries it on any worker."""
+    from prefect.states import Failed
+
+    from fer_pipeline.runner.job import StageJob
+
+    stage_job = StageJob.from_params(job)
+    os.environ[orch.RUN_ID_ENV] = stage_job.run_id
+    print(f"{stage_job.stage} attempt {stage_job.attempt} of run {stage_job.run_id} on "
+          f"{socket.gethostname()}: {stage_job.repository} at {stage_job.commit[:12]}")
     try:
-        return _tagged(stage)(stage, workspace, project_dir, run_id)
-    except FerError as exc:
-        info["error"] = {"transient": exc.transient, "message": str(exc)}
-        raise
-    finally:
-        info["ended"] = time.time()
-        Path(workspace, RUN_INFO).write_text(json.dumps(info))
+        return _tagged(stage_job.stage)(stage_job)
+    except TransientError as exc:
+        return Failed(name=TRANSIENT_STATE, message=str(exc))
+
+
+@task(name="stage-job", task_run_name="{job.stage}", cache_policy=NO_CACHE)
+def _stage_job(job: Any) -> dict[str, Any]:
+    from fer_pipeline.runner import worker
+
+    logger = get_run_logger()
+    result = worker.execute(job, log=logger.info)
+    return {k: v for k, v in result.items() if k not in ("lock", "files")}
 
 
 def _tagged(stage: str):
+    group = stage.split("@", 1)[0]
+    return _stage_job.with_options(tags=[GPU_TAG] if group in GPU_STAGES else [])
+
+
+def _tagged_local(stage: str):
     group = stage.split("@", 1)[0]
     return run_in_workspace.with_options(tags=[GPU_TAG] if group in GPU_STAGES else [])
 
@@ -122,42 +136,70 @@ def _tagged(stage: str):
       retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=only_transient)
 def parallel_stage(stage: str, project_dir: str, run_id: str, dispatch: str,
                    store_dir: str, pickup_timeout_s: float = PICKUP_TIMEOUT_S,
-                   train_timeout_s: float = TRAIN_TIMEOUT_S) -> dict[str, Any]:
-    """A foreach item: skip if current; else run it in its own workspace (here or on a worker),
-    then copy its outputs back and `dvc commit` them into the run copy's dvc.lock (nothing else
-    writes the run copy, so what is committed is what the stage ran on)."""
+                   train_timeout_s: float = TRAIN_TIMEOUT_S,
+                   origin: tuple[str, str] | None = None,
+                   overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A foreach item: skip if current; else run it here in its own workspace and bring its
+    outputs back (dispatch=local), or send it to a worker as a stage job and merge what comes
+    back through the DVC remote (dispatch=workers)."""
     logger = get_run_logger()
     with _PROJECT_LOCK:
         if orch.stage_is_current(stage, project_dir):
             logger.info("Stage '%s' didn't change, skipping", stage)
             return {"stage": stage, "status": "skipped", "seconds": 0.0, "workspace": None}
-        ws = str(orch.prepare_workspace(project_dir, stage))
-    if dispatch == "workers":
-        from prefect.deployments import run_deployment
+        if dispatch != "workers":
+            ws = str(orch.prepare_workspace(project_dir, stage))
+    if dispatch != "workers":
+        result = _tagged_local(stage)(stage, ws, store_dir, run_id)
+        with _PROJECT_LOCK:
+            orch.bring_back(project_dir, stage, ws, log=logger.info)
+        return result
+    return _dispatch(stage, project_dir, run_id, origin, overrides or {},
+                     pickup_timeout_s, train_timeout_s)
 
-        Path(ws, RUN_INFO).unlink(missing_ok=True)   # a retry must not read the last try's
-        child = run_deployment(TRAIN_DEPLOYMENT, timeout=0,
-                               parameters={"stage": stage, "workspace": ws,
-                                           "project_dir": store_dir, "run_id": run_id},
-                               flow_run_name=f"{stage}")
-        child = wait_for_child(stage, child.id, pickup_timeout_s, train_timeout_s)
-        info_file = Path(ws, RUN_INFO)
-        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-        if not child.state or not child.state.is_completed():
-            msg = (child.state.message if child.state else "") or "no state"
-            error = info.get("error") or {}
-            cls = orch.TransientStageError if error.get("transient") else orch.StageFailed
-            state_name = child.state.name if child.state else "without a state"
-            raise cls(stage, 1, [f"fer-train run {child.name} ended {state_name}: "
-                                 f"{error.get('message') or msg}"])
-        # The child's return value is not persisted (no result storage needed): report its run.
-        result = {"stage": stage, "status": "ran", "workspace": ws, "flow_run": child.name,
-                  "seconds": round(child.total_run_time.total_seconds(), 1), **info}
-    else:
-        result = _tagged(stage)(stage, ws, store_dir, run_id)
+
+def _dispatch(stage: str, project_dir: str, run_id: str, origin: tuple[str, str] | None,
+              overrides: dict[str, Any], pickup_timeout_s: float,
+              train_timeout_s: float) -> dict[str, Any]:
+    """The job to a worker; a worker that died (its run Crashed, e.g. marked by the zombie
+    automation) or failed transiently: the next attempt, on any worker, resumes from the state
+    the dead one left on the remote."""
+    from dataclasses import replace
+
+    from prefect.deployments import run_deployment
+
+    from fer_pipeline.runner import dispatch as jobs
+
+    logger = get_run_logger()
+    assert origin is not None, "dispatch=workers needs the run's repository and commit"
     with _PROJECT_LOCK:
-        orch.bring_back(project_dir, stage, ws, log=logger.info)
-    return result
+        job, inputs = jobs.make_job(project_dir, stage, run_id, *origin, overrides)
+        jobs.push_inputs(project_dir, inputs)
+    logger.info("%s: inputs %s on the DVC remote; job for %s at %s", stage, inputs, origin[0],
+                origin[1][:12])
+    tried = []
+    for attempt in range(1, TRAIN_ATTEMPTS + 1):
+        job = replace(job, attempt=attempt)
+        child = run_deployment(TRAIN_DEPLOYMENT, timeout=0, parameters={"job": job.to_params()},
+                               flow_run_name=f"{stage} #{attempt}")
+        child = wait_for_child(stage, child.id, pickup_timeout_s, train_timeout_s)
+        state = child.state
+        if state is not None and state.is_completed():
+            break
+        why = f"fer-train run {child.name} ended {state.name if state else 'without a state'}: " \
+              f"{(state.message if state else '') or ''}"
+        tried.append(why)
+        retry = state is not None and (state.is_crashed() or state.name == TRANSIENT_STATE)
+        if not retry or attempt == TRAIN_ATTEMPTS:
+            raise orch.StageFailed(stage, 1, tried)
+        logger.warning("%s; attempt %d goes to any worker of the pool", why, attempt + 1)
+    result = jobs.read_result(project_dir, job)
+    with _PROJECT_LOCK:
+        jobs.collect(project_dir, stage, result, log=logger.info)
+    return {"stage": stage, "status": result["status"], "flow_run": child.name,
+            "seconds": round(child.total_run_time.total_seconds(), 1),
+            **{k: result[k] for k in ("host", "pid", "started", "ended", "attempt", "commit",
+                                      "code", "resumed_files", "resumed_epochs")}}
 
 
 def wait_for_child(stage: str, child_id: Any, pickup_timeout_s: float,
@@ -264,6 +306,7 @@ def fer_pipeline(
     adopt: bool = True,
     pickup_timeout_s: float | None = None,
     train_timeout_s: float | None = None,
+    pull: bool | None = None,
 ) -> dict[str, Any]:
     """Run dvc.yaml's stages.
 
@@ -285,6 +328,8 @@ def fer_pipeline(
             cancelled and fails the run (default FER_PICKUP_TIMEOUT_S or 15 minutes).
         train_timeout_s: dispatch="workers": a training not finished within this is cancelled
             and fails the run (default FER_TRAIN_TIMEOUT_S or 24 hours).
+        pull: `dvc pull --allow-missing` the data and outputs before the stages (default: in a
+            deployment run, i.e. a worker's fresh clone).
 
     Parameters are checked before anything runs (docs/security.md): on a worker, project_dir
     must lie in an allowed root; overrides may not set a path, server or command param; profile
@@ -317,14 +362,28 @@ def fer_pipeline(
     params = orch.build_overrides(overrides, models=models, epochs=epochs,
                                   max_per_class=max_per_class, profile=profile, root=root)
     P.load(Path(root, "params.yaml"), params)   # a typo fails here, before anything is copied
+    origin = None
+    if dispatch == "workers":
+        from fer_pipeline.runner.dispatch import dispatch_origin
+
+        origin = dispatch_origin(root)   # committed, pushed, a URL: refused here otherwise
+        logger.info("trainings go to workers as jobs: %s at %s", *origin)
     ws = str(orch.run_copy(root, run_id))
     logger.info("run copy: %s (the checkout is not written)", ws)
     changed = orch.apply_overrides(ws, params)
     for key, (old, new) in changed.items():
         logger.info("param %s: %r -> %r", key, old, new)
+    if pull if pull is not None else bool(deployment.id):
+        # A fresh clone on a worker: the raw data and every output the remote holds, so
+        # stages whose inputs did not change are skipped.
+        res = orch.dvc("pull", "--allow-missing", cwd=ws, check=False)
+        if res.returncode != 0:
+            raise orch.classify("pull", res.returncode, (res.stdout + res.stderr).splitlines())
+        logger.info("pulled the data and up-to-date outputs from the DVC remote")
     timeouts = (PICKUP_TIMEOUT_S if pickup_timeout_s is None else pickup_timeout_s,
                 TRAIN_TIMEOUT_S if train_timeout_s is None else train_timeout_s)
-    result = _run(ws, root, run_id, git, changed, models, dispatch, save_experiment, timeouts)
+    result = _run(ws, root, run_id, git, changed, models, dispatch, save_experiment, timeouts,
+                  origin)
     if adopt and not changed:
         orch.adopt_results(root, ws, [s["stage"] for s in result["stages"]
                                       if s["status"] == "ran"], log=logger.info)
@@ -337,7 +396,8 @@ def fer_pipeline(
 
 def _run(ws: str, root: str, run_id: str, git: dict[str, str], changed: dict[str, Any],
          models: list[str] | None, dispatch: str, save_experiment: bool,
-         timeouts: tuple[float, float] = (PICKUP_TIMEOUT_S, TRAIN_TIMEOUT_S)) -> dict[str, Any]:
+         timeouts: tuple[float, float] = (PICKUP_TIMEOUT_S, TRAIN_TIMEOUT_S),
+         origin: tuple[str, str] | None = None) -> dict[str, Any]:
     logger = get_run_logger()
     results: list[dict[str, Any]] = []
     for group in orch.stage_groups(ws):
@@ -350,8 +410,9 @@ def _run(ws: str, root: str, run_id: str, git: dict[str, str], changed: dict[str
             continue
         if items:
             orch.init_tracking_store(ws, orch.stage_env(root, run_id))
-        futures = [parallel_stage.submit(s, ws, run_id, dispatch, root, *timeouts)
-                   for s in items]
+        job_overrides = {key: new for key, (_, new) in changed.items()}
+        futures = [parallel_stage.submit(s, ws, run_id, dispatch, root, *timeouts, origin,
+                                         job_overrides) for s in items]
         wait(futures)
         failed = []
         for fut in futures:

@@ -548,6 +548,9 @@ def keep_results(ws: str | Path, experiment: str | None,
         else:
             log(f"outputs pushed to DVC remote {remote}")
     if experiment:
+        # The remote's branch may have moved since the run started: DVC's push (dulwich) needs
+        # the objects the remote's refs name, or it fails with a bare commit id.
+        git("fetch", "--quiet", "origin", cwd=ws, check=False)
         res = dvc("exp", "push", "--no-cache", "origin", experiment, cwd=ws, check=False)
         if res.returncode != 0:
             tail = " | ".join((res.stdout + res.stderr).strip().splitlines()[-5:])
@@ -671,19 +674,3 @@ def check_flow_inputs(overrides: dict[str, Any] | None, profile: str | None,
         if not _PROFILE_NAME.fullmatch(profile) or profile not in known:
             raise FerError(f"profile {profile!r} refused: it must be the name of one of "
                            f"profiles/*.yaml {known}, not a path")
-
-
-_TRAIN_ITEM = re.compile(r"train@[A-Za-z0-9_][A-Za-z0-9_.-]*")
-
-
-def check_train_inputs(stage: str, workspace: str | Path) -> Path:
-    """fer-train's parameters: `stage` is a train@<model> item (not any stage of any dvc.yaml)
-    and `workspace` one that prepare_workspace made, inside FER_WORKSPACE_DIR's base."""
-    if not _TRAIN_ITEM.fullmatch(stage):
-        raise FerError(f"fer-train refuses stage {stage!r}: only train@<model> items run here")
-    base = _base_dir().resolve()
-    ws = Path(workspace).resolve()
-    if not ws.is_relative_to(base) or ws == base:
-        raise FerError(f"fer-train refuses workspace {str(workspace)!r}: workspaces live under "
-                       f"{base} ({WORKSPACE_ENV}, the same on the parent run and the workers)")
-    return ws

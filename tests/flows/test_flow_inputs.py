@@ -116,16 +116,80 @@ def test_published_hashes_match_the_installed_keras():
     assert IMAGENET_FILES["vgg16"][0] == vgg16.WEIGHTS_PATH_NO_TOP.rsplit("/", 1)[1]
 
 
-def test_fer_train_runs_only_train_items_in_a_workspace(tmp_path, monkeypatch):
-    monkeypatch.setenv(orch.WORKSPACE_ENV, str(tmp_path / "ws"))
-    ok = tmp_path / "ws" / "repo-1234" / "train-vgg16"
-    assert orch.check_train_inputs("train@vgg16", ok) == ok.resolve()
-    for stage in ("validate", "evaluate", "train@x; rm -rf /", "train@../x"):
-        with pytest.raises(FerError, match="only train@<model>"):
-            orch.check_train_inputs(stage, ok)
-    for ws in (tmp_path / "elsewhere", tmp_path / "ws", tmp_path / "ws/../other", Path("/")):
-        with pytest.raises(FerError, match="refuses workspace"):
-            orch.check_train_inputs("train@vgg16", ws)
+GOOD_JOB = {"repository": "git://git.team/fer.git", "commit": "a" * 40, "stage": "train@vgg16",
+            "run_id": "0b7c6f2e-1d2a-4c3b-9e8f-1234567890ab",
+            "overrides": {"models.vgg16.epochs": 1},
+            "locks": {"split": {"cmd": "fer split", "outs": [{"path": "data/processed/train.npz",
+                                                              "md5": "0" * 32}]}}}
+
+
+def test_a_stage_job_is_data_and_every_field_is_checked(monkeypatch):
+    """fer-train's one parameter: a job a worker clones and runs; nothing in it is a path."""
+    from fer_pipeline.runner.job import StageJob
+
+    monkeypatch.setenv("FER_GIT_REPOSITORY", "git://git.team/fer.git")
+    monkeypatch.delenv("FER_ALLOWED_REPOSITORIES", raising=False)
+    job = StageJob.from_params(GOOD_JOB)
+    assert job.attempt == 1 and StageJob.from_params(job.to_params()) == job
+    bad = {
+        "stage": [("validate", "only train@"), ("train@x; rm -rf /", "only train@"),
+                  ("train@../x", "only train@")],
+        "commit": [("main", "40-hex"), ("a" * 39, "40-hex")],
+        "repository": [("/srv/git/fer.git", "is a path, not a URL"),
+                       ("file:///srv/git/fer.git", "is a path"),
+                       ("https://u:tok@git.team/fer.git", "credentials"),
+                       ("git://elsewhere/evil.git", "not one this worker clones")],
+        "overrides": [({"data.raw_dir": "/etc"}, "refused")],
+        "locks": [({"split": {"outs": [{"path": "/etc/passwd"}]}}, "not a project path"),
+                  ({"split": {"outs": [{"path": "../x"}]}}, "not a project path")],
+        "run_id": [("../../x", "not a run id")],
+    }
+    for field, cases in bad.items():
+        for value, why in cases:
+            with pytest.raises(FerError, match=why):
+                StageJob.from_params({**GOOD_JOB, field: value})
+    with pytest.raises(FerError, match="unknown field.*workspace"):
+        StageJob.from_params({**GOOD_JOB, "workspace": "/tmp/ws"})
+    monkeypatch.setenv("FER_ALLOWED_REPOSITORIES", "git://elsewhere/evil.git")
+    StageJob.from_params({**GOOD_JOB, "repository": "git://elsewhere/evil.git"})
+
+
+def test_a_worker_refuses_a_commit_its_packages_do_not_fit(tmp_path):
+    from fer_pipeline.runner.worker import environment_problems
+
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "x"\ndependencies = ["pyyaml>=6", "numpy<1.0", '
+        '"surely-not-installed-pkg>=1", "pywin32>=300; sys_platform == \'win32\'"]\n')
+    problems = environment_problems(tmp_path / "pyproject.toml")
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("numpy<1.0 (installed: ")
+    assert problems[1] == "surely-not-installed-pkg>=1 (not installed)"
+    assert environment_problems(ROOT / "pyproject.toml") == []   # this venv fits this checkout
+
+
+def test_dispatch_to_workers_needs_pushed_committed_code_and_a_url(tmp_path, monkeypatch):
+    from fer_pipeline.runner.dispatch import dispatch_origin
+    from fer_pipeline.sandbox import sh
+
+    repo = tmp_path / "repo"
+    (repo / "src").mkdir(parents=True)
+    (repo / "src" / "a.py").write_text("x = 1\n")
+    sh("git", "init", "-q", "-b", "main", cwd=repo)
+    sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A", cwd=repo)
+    sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "a", cwd=repo)
+    with pytest.raises(FerError, match="no `origin` remote"):
+        dispatch_origin(repo)
+    sh("git", "remote", "add", "origin", str(tmp_path / "bare.git"), cwd=repo)
+    with pytest.raises(FerError, match="is a path, not a URL"):
+        dispatch_origin(repo)
+    sh("git", "remote", "set-url", "origin", "git://127.0.0.1:9/fer.git", cwd=repo)
+    monkeypatch.setenv("FER_GIT_REPOSITORY", "git://127.0.0.1:9/fer.git")
+    (repo / "src" / "a.py").write_text("x = 2\n")
+    with pytest.raises(FerError, match="src/a.py has uncommitted changes"):
+        dispatch_origin(repo)
+    sh("git", "checkout", "-q", "--", "src/a.py", cwd=repo)
+    with pytest.raises(FerError, match="is not on origin"):
+        dispatch_origin(repo)
 
 
 @pytest.mark.parametrize("url", ["https://user:token@example.com/fer.git",

@@ -34,6 +34,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
 from fer_pipeline.sandbox import ROOT, make_project, sh
+from pool import start_git_daemon
 from prefect_runs import finish_runs
 
 BIN = Path(sys.executable).parent
@@ -173,8 +174,23 @@ def test_a_real_worker_clones_the_code_and_runs_the_flow_in_the_clone(deployed, 
 def test_no_worker_for_the_trainings_fails_fast_and_cancels_the_child(deployed, tmp_path,
                                                                       webhook):
     repo = make_project(tmp_path, n_models=1)
-    state = fer_pipeline(project_dir=str(repo), dispatch="workers", pickup_timeout_s=3,
-                         save_experiment=False, return_state=True)
+    # dispatch=workers sends jobs that name a git URL and a pushed commit, and moves inputs
+    # through the DVC remote: a git daemon and a local remote stand in for the team's.
+    gitbase = tmp_path / "git-server"
+    gitbase.mkdir()
+    sh("git", "clone", "-q", "--bare", str(repo), str(gitbase / "fer.git"), cwd=tmp_path)
+    daemon = start_git_daemon(gitbase, tmp_path)
+    url = f"{daemon.url}/fer.git"
+    sh("git", "remote", "add", "origin", url, cwd=repo)
+    sh("git", "fetch", "-q", "origin", cwd=repo)
+    sh("dvc", "remote", "add", "-d", "--local", "storage", str(tmp_path / "dvc-remote"), cwd=repo)
+    os.environ["FER_GIT_REPOSITORY"] = url
+    try:
+        state = fer_pipeline(project_dir=str(repo), dispatch="workers", pickup_timeout_s=3,
+                             save_experiment=False, return_state=True)
+    finally:
+        del os.environ["FER_GIT_REPOSITORY"]
+        daemon.stop()
     assert state.is_failed()
     msg = state.message
     assert "no worker picked up fer-train run train@custom_cnn" in msg, msg
@@ -186,8 +202,9 @@ def test_no_worker_for_the_trainings_fails_fast_and_cancels_the_child(deployed, 
             return await client.read_flow_runs(
                 deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
 
-    (child,) = [c for c in run(children()) if c.parameters.get("workspace", "").startswith(
-        os.environ["FER_WORKSPACE_DIR"]) and c.name == "train@custom_cnn"]
+    (child,) = [c for c in run(children()) if c.parameters["job"]["run_id"] ==
+                str(state.state_details.flow_run_id) and c.name == "train@custom_cnn #1"]
+    assert child.parameters["job"]["repository"] == url   # data, no path
     assert child.state.is_cancelled() and "no worker picked up" in child.state.message
     # The failure hook reported it too.
     assert [p["state"] for p in webhook] == ["Failed"]

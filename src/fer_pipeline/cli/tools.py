@@ -193,6 +193,9 @@ def _worker(args: argparse.Namespace) -> int:
         print("fer worker: no GPU, allowed: trainings run on this machine's CPU", file=sys.stderr)
     # The flow runs this worker starts train on what was checked here.
     os.environ["KERAS_BACKEND"] = backend
+    # Its flow runs send heartbeats; the server's zombie automation (flows/deploy.py) marks a
+    # run whose machine died Crashed within minutes, and the parent retries it elsewhere.
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
     cmd = prefect_command(args.pool, args.queue, args.limit, args.name)
     print("fer worker: " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
     os.execv(cmd[0], cmd)

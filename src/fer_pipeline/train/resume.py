@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from fer_pipeline.arrays import SplitArrays
-from fer_pipeline.io import atomic_path, write_json
+from fer_pipeline.io import atomic_path, md5_file, write_json
 from fer_pipeline.params import ModelParams
 
 log = logging.getLogger(__name__)
@@ -34,13 +34,13 @@ HISTORY_FIELDS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lear
 
 def fingerprint(name: str, mp: ModelParams, seed: int, policy: str,
                 data_files: list[Path]) -> str:
-    """Changes with the model's params, the seed, the dtype policy and the data files."""
+    """Changes with the model's params, the seed, the dtype policy and the data files' contents
+    (not their paths or times: a retry on another machine resumes the same state)."""
     h = hashlib.sha256()
     h.update(json.dumps([name, dataclasses.asdict(mp), seed, policy], sort_keys=True,
                         default=str).encode())
-    for p in data_files:
-        st = p.stat()
-        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for p in data_files:   # by content: a copy pulled on another machine is the same data
+        h.update(f"{Path(p).name}:{md5_file(p)}".encode())
     return h.hexdigest()[:16]
 
 
