@@ -73,8 +73,8 @@ flow: setup  ## run the flow here without a worker (ARGS='--epochs 1 -S data.max
 		$(if $(filter command line environment,$(origin PREFECT_API_URL)),PREFECT_API_URL="$(PREFECT_API_URL)") \
 		$(BIN)/python flows/pipeline.py $(ARGS)
 
-demo-workers: setup  ## two local workers share one run's trainings (own temp server, tiny data, ~2 min)
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m flows.demo_workers
+demo-workers: setup  ## a parent + two worker machines, own roots, sharing only git/S3/PostgreSQL/Prefect; one killed mid-training (~4 min)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/flows/test_scale_out.py
 
 test-flows: setup  ## the orchestration tests only (real Prefect server + worker, ~3 min)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q tests/flows

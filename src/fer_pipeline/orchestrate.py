@@ -507,7 +507,11 @@ def save_experiment(root: str | Path, name: str) -> str | None:
     common = Path(root, git("rev-parse", "--git-common-dir", cwd=root).strip()).resolve()
     with (common / "fer-exp-save.lock").open("w") as lock_fh:
         fcntl.flock(lock_fh, fcntl.LOCK_EX)
-        res = dvc("exp", "save", "--force", "-n", name, cwd=root, check=False)
+        # New files the run made (metrics, reports, DVC's .gitignore entries) belong to the
+        # experiment: without them a teammate's `dvc exp apply` + `dvc pull` is not up to date.
+        new = git("ls-files", "--others", "--exclude-standard", cwd=root, check=False).split()
+        include = [arg for path in new for arg in ("-I", path)]
+        res = dvc("exp", "save", "--force", "-n", name, *include, cwd=root, check=False)
     if res.returncode != 0:
         return None
     return name
@@ -548,9 +552,11 @@ def keep_results(ws: str | Path, experiment: str | None,
         else:
             log(f"outputs pushed to DVC remote {remote}")
     if experiment:
-        # The remote's branch may have moved since the run started: DVC's push (dulwich) needs
-        # the objects the remote's refs name, or it fails with a bare commit id.
-        git("fetch", "--quiet", "origin", cwd=ws, check=False)
+        # Prefect's git_clone makes a shallow clone; DVC's push (dulwich) walks the history
+        # and fails on the first missing parent with a bare commit id. Deepen it first.
+        shallow = git("rev-parse", "--is-shallow-repository", cwd=ws, check=False).strip()
+        git("fetch", "--quiet", *(["--unshallow"] if shallow == "true" else []), "origin",
+            cwd=ws, check=False)
         res = dvc("exp", "push", "--no-cache", "origin", experiment, cwd=ws, check=False)
         if res.returncode != 0:
             tail = " | ".join((res.stdout + res.stderr).strip().splitlines()[-5:])

@@ -245,7 +245,15 @@ def test_a_run_spreads_over_machines_that_share_only_git_s3_postgres_and_prefect
             assert res.returncode == 0, (cmd, res.stdout, res.stderr)
         assert json.loads(res.stdout or "{}") == {}, res.stdout
         assert (mate / "models" / "custom_cnn" / "model.keras").is_file()
-        print(f"scale-out test: {time.monotonic() - t0:.0f} s")
+        for kid in sorted(kids, key=lambda k: k.start_time):
+            who = jobs.get(f"train-{kid.name.split('@')[1].split()[0]}")
+            where = who.name if kid.name.endswith("#1") else survivor.name
+            print(f"  {kid.name:26s} {kid.state.name:10s} on {where:8s} "
+                  f"{kid.start_time:%H:%M:%S} -> {kid.end_time:%H:%M:%S}")
+        print(f"  {victim.name} killed at {time.strftime('%H:%M:%S', time.localtime(killed_at))}"
+              f"; train@custom_cnn resumed on {survivor.name} after "
+              f"{results['custom_cnn']['resumed_epochs']} finished epochs")
+        print(f"scale-out test: {time.monotonic() - t0:.0f} s in all")
     finally:
         if "api" in locals():
             api.__exit__(None, None, None)

@@ -193,6 +193,7 @@ def execute(job: StageJob, root: Path | None = None,
     """Run the job (module docstring); the result also lands on the remote as result.json."""
     root = (root or worker_root()).resolve()
     started = time.time()
+    clock = _Clock()
     work = checkout(job, root, log)
     check_environment(work, job)
     configure_dvc(work, root)
@@ -200,12 +201,14 @@ def execute(job: StageJob, root: Path | None = None,
     merge_locks(work, job.locks)
     deps, outs = stage_io(work, job.stage)
     pull = inputs_to_pull(deps, job.locks)
+    clock.lap("clone")
     if pull:
         res = dvc("pull", "-q", *pull, cwd=work, check=False)
         if res.returncode != 0:
             raise TransientError(f"dvc pull of {job.stage}'s inputs {pull} failed: "
                                  f"{(res.stdout + res.stderr).strip()[-1500:]}")
         log(f"pulled {', '.join(pull)} from the DVC remote")
+    clock.lap("pull")
     store = RunStore(work, job.run_id, job.stage)
     state = state_folder(work, job.stage)
     restored = store.pull_dir(state)
@@ -227,10 +230,12 @@ def execute(job: StageJob, root: Path | None = None,
     env["PYTHONPATH"] = str(work / "src") + os.pathsep + env.get("PYTHONPATH", "")
     with StateSync(store, state, log_fn=log):
         result = run_stage(job.stage, work, env=env, log=log, force=False)
+    clock.lap("stage")
     res = dvc("push", "-q", job.stage, cwd=work, check=False)
     if res.returncode != 0:
         raise TransientError(f"dvc push of {job.stage}'s outputs failed: "
                              f"{(res.stdout + res.stderr).strip()[-1500:]}")
+    clock.lap("push")
     lock = (yaml.safe_load((work / "dvc.lock").read_text()) or {})["stages"][job.stage]
     files = {path: (work / path).read_bytes().decode() for path, cached in outs
              if not cached and (work / path).is_file()}
@@ -239,12 +244,28 @@ def execute(job: StageJob, root: Path | None = None,
            "attempt": job.attempt, "host": socket.gethostname(), "pid": os.getpid(),
            "started": started, "ended": time.time(), "resumed_files": restored,
            "resumed_epochs": resumed_epochs,
-           "code": _code_origin(work, env), "lock": lock, "files": files}
-    store.put_json(RESULT, out)
+           "code": _code_origin(work, env), "lock": lock, "files": files,
+           "seconds": clock.laps}
     store.remove("state")
     shutil.rmtree(work, ignore_errors=True)
+    clock.lap("result")
+    store.put_json(RESULT, out)
     log(f"{job.stage}: {result.status}; outputs pushed, result at {store.url}/{RESULT}")
     return out
+
+
+class _Clock:
+    """Seconds per phase of a job (clone, pull, stage, push, result): its overhead is all but
+    `stage`."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.laps[name] = round(now - self._t, 2)
+        self._t = now
 
 
 def _code_origin(work: Path, env: dict[str, str]) -> str:
