@@ -509,7 +509,7 @@ def save_experiment(root: str | Path, name: str) -> str | None:
         fcntl.flock(lock_fh, fcntl.LOCK_EX)
         # New files the run made (metrics, reports, DVC's .gitignore entries) belong to the
         # experiment: without them a teammate's `dvc exp apply` + `dvc pull` is not up to date.
-        new = git("ls-files", "--others", "--exclude-standard", cwd=root, check=False).split()
+        new = git("ls-files", "--others", "--exclude-standard", cwd=root, check=False).splitlines()
         include = [arg for path in new for arg in ("-I", path)]
         res = dvc("exp", "save", "--force", "-n", name, *include, cwd=root, check=False)
     if res.returncode != 0:

@@ -176,6 +176,8 @@ def test_no_worker_for_the_trainings_fails_fast_and_cancels_the_child(deployed, 
     repo = make_project(tmp_path, n_models=1)
     # dispatch=workers sends jobs that name a git URL and a pushed commit, and moves inputs
     # through the DVC remote: a git daemon and a local remote stand in for the team's.
+    sh("dvc", "remote", "add", "-d", "storage", str(tmp_path / "dvc-remote"), cwd=repo)
+    sh("git", "commit", "-qam", "DVC remote", cwd=repo)
     gitbase = tmp_path / "git-server"
     gitbase.mkdir()
     sh("git", "clone", "-q", "--bare", str(repo), str(gitbase / "fer.git"), cwd=tmp_path)
@@ -183,7 +185,6 @@ def test_no_worker_for_the_trainings_fails_fast_and_cancels_the_child(deployed, 
     url = f"{daemon.url}/fer.git"
     sh("git", "remote", "add", "origin", url, cwd=repo)
     sh("git", "fetch", "-q", "origin", cwd=repo)
-    sh("dvc", "remote", "add", "-d", "--local", "storage", str(tmp_path / "dvc-remote"), cwd=repo)
     os.environ["FER_GIT_REPOSITORY"] = url
     try:
         state = fer_pipeline(project_dir=str(repo), dispatch="workers", pickup_timeout_s=3,
