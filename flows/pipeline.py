@@ -108,7 +108,7 @@ def fer_train(job: dict[str, Any]) -> Any:
     print(f"{stage_job.stage} attempt {stage_job.attempt} of run {stage_job.run_id} on "
           f"{socket.gethostname()}: {stage_job.repository} at {stage_job.commit[:12]}")
     try:
-        return _tagged(stage_job.stage)(stage_job)
+        return _stage_job.with_options(tags=_gpu_tags(stage_job.stage))(stage_job)
     except TransientError as exc:
         return Failed(name=TRANSIENT_STATE, message=str(exc))
 
@@ -122,14 +122,9 @@ def _stage_job(job: Any) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k not in ("lock", "files")}
 
 
-def _tagged(stage: str):
-    group = stage.split("@", 1)[0]
-    return _stage_job.with_options(tags=[GPU_TAG] if group in GPU_STAGES else [])
-
-
-def _tagged_local(stage: str):
-    group = stage.split("@", 1)[0]
-    return run_in_workspace.with_options(tags=[GPU_TAG] if group in GPU_STAGES else [])
+def _gpu_tags(stage: str) -> list[str]:
+    """`gpu` for items of GPU_STAGES: the tag concurrency limit caps how many run at once."""
+    return [GPU_TAG] if stage.split("@", 1)[0] in GPU_STAGES else []
 
 
 @task(name="parallel-stage", task_run_name="{stage}", cache_policy=NO_CACHE, retries=RETRIES,
@@ -150,7 +145,7 @@ def parallel_stage(stage: str, project_dir: str, run_id: str, dispatch: str,
         if dispatch != "workers":
             ws = str(orch.prepare_workspace(project_dir, stage))
     if dispatch != "workers":
-        result = _tagged_local(stage)(stage, ws, store_dir, run_id)
+        result = run_in_workspace.with_options(tags=_gpu_tags(stage))(stage, ws, store_dir, run_id)
         with _PROJECT_LOCK:
             orch.bring_back(project_dir, stage, ws, log=logger.info)
         return result

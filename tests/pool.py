@@ -81,26 +81,26 @@ class Machine:
     proc: subprocess.Popen | None = None
     log: Path | None = None
 
+    def _wrapped(self, cmd: list[str], hide: list[Path], kill_child: bool) -> list[str]:
+        """`cmd` in a new mount + PID namespace whose `hide` folders are empty tmpfs mounts."""
+        script = ('for d in "$@"; do if [ -d "$d" ]; then mount -t tmpfs -o size=16k,mode=000 '
+                  'none "$d" || exit 1; fi; done; exec ' + " ".join(f"'{c}'" for c in cmd))
+        return ["unshare", "--mount", "--pid", "--fork", *(["--kill-child"] if kill_child else []),
+                "--propagation", "private", "--mount-proc", "sh", "-c", script, "sh",
+                *map(str, hide)]
+
     def start(self, cmd: list[str], hide: list[Path]) -> None:
-        """`cmd` in this machine's namespace, with `hide` covered by empty tmpfs mounts."""
+        """`cmd` in this machine's namespace, in its root, output to <root>/<name>.log."""
         self.log = self.root / f"{self.name}.log"
-        script = ('set -e; for d in "$@"; do [ -d "$d" ] && mount -t tmpfs -o size=16k,mode=000 '
-                  'none "$d"; done; cd "$FER_MACHINE_CWD"; exec ' + " ".join(
-                      f"'{c}'" for c in cmd))
-        wrapped = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation",
-                   "private", "--mount-proc", "sh", "-c", script, "sh", *map(str, hide)]
         with self.log.open("ab") as fh:
-            self.proc = subprocess.Popen(wrapped, stdout=fh, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         env={**self.env, "FER_MACHINE_CWD": str(self.root)})
+            self.proc = subprocess.Popen(self._wrapped(cmd, hide, kill_child=True), stdout=fh,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, env=self.env, cwd=self.root)
 
     def run(self, cmd: list[str], hide: list[Path]) -> subprocess.CompletedProcess:
         """A short command in the same kind of namespace (the isolation probe)."""
-        script = ('for d in "$@"; do [ -d "$d" ] && mount -t tmpfs -o size=16k,mode=000 none "$d"; '
-                  'done; ' + " ".join(f"'{c}'" for c in cmd))
-        return subprocess.run(["unshare", "--mount", "--pid", "--fork", "--propagation", "private",
-                               "--mount-proc", "sh", "-c", script, "sh", *map(str, hide)],
-                              capture_output=True, text=True, env=self.env, cwd=self.root)
+        return subprocess.run(self._wrapped(cmd, hide, kill_child=False), capture_output=True,
+                              text=True, env=self.env, cwd=self.root)
 
     def kill(self) -> None:
         """Power cut: SIGKILL to `unshare`; --kill-child takes the namespace's init, and with

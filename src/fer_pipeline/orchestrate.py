@@ -249,16 +249,20 @@ def model_names(root: str | Path) -> list[str]:
     return list(load_params(root).models)
 
 
-def apply_overrides(root: str | Path, overrides: dict[str, Any]) -> dict[str, list[Any]]:
+def apply_overrides(root: str | Path, overrides: dict[str, Any],
+                    validate: bool = True) -> dict[str, list[Any]]:
     """Write overrides into the workspace's params.yaml (comments kept). Returns changed keys
     as {key: [old, new]}; the file is left untouched when nothing changes. Every key and value
-    is checked by the params loader first: a typo fails naming the key, and nothing is written."""
+    is checked by the params loader first: a typo fails naming the key, and nothing is written.
+    validate=False: a worker writing another commit's params.yaml, whose own loader (run by
+    the stage) checks it; this installation's loader may not know that commit's keys."""
     if not overrides:
         return {}
     from ruamel.yaml import YAML  # a DVC dependency; round-trips comments
 
     path = Path(root) / "params.yaml"
-    P.load(path, overrides)
+    if validate:
+        P.load(path, overrides)
     ryaml = YAML()
     ryaml.preserve_quotes = True
     data = ryaml.load(path.read_text())
@@ -296,8 +300,9 @@ def workspace_dir(root: str | Path, stage: str) -> Path:
     return _base_dir() / f"{root.name}-{_tag(root)}" / stage.replace("@", "-")
 
 
-def stage_paths(root: str | Path, stage: str) -> tuple[list[str], list[str]]:
-    """(deps, outs) of one stage as paths relative to the project, via DVC's own parser."""
+def stage_paths(root: str | Path, stage: str) -> tuple[list[str], list[str], list[str]]:
+    """(deps, outs, uncached outs) of one stage as paths relative to the project, via DVC's
+    own parser."""
     from dvc.repo import Repo
 
     root = Path(root).resolve()
@@ -310,7 +315,17 @@ def stage_paths(root: str | Path, stage: str) -> tuple[list[str], list[str]]:
                if type(d).__name__ != "ParamsDependency"]
         deps = [p for p in rel if not p.startswith("..") and "://" not in p]
         outs = [os.path.relpath(wdir / str(o.def_path), root) for o in st.outs]
-    return deps, outs
+        uncached = [path for path, o in zip(outs, st.outs, strict=True) if not o.use_cache]
+    return deps, outs, uncached
+
+
+def merge_lock(root: str | Path, entries: dict[str, Any]) -> None:
+    """Put `entries` ({stage: dvc.lock entry}) into the project's dvc.lock (atomic write)."""
+    path = Path(root) / "dvc.lock"
+    lock = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+    lock.setdefault("schema", "2.0")
+    lock.setdefault("stages", {}).update(entries)
+    write_text(path, yaml.safe_dump(lock, sort_keys=False))
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -343,7 +358,7 @@ def prepare_workspace(root: str | Path, stage: str, ws: str | Path | None = None
     for name in ("dvc.yaml", "params.yaml", "dvc.lock", ".dvcignore"):
         if (root / name).is_file():
             shutil.copy2(root / name, ws / name)
-    deps, _ = stage_paths(root, stage)
+    deps, _, _ = stage_paths(root, stage)
     for dep in deps:
         if (root / dep).exists():
             _link_or_copy(root / dep, ws / dep)
@@ -359,7 +374,7 @@ def bring_back(root: str | Path, stage: str, ws: str | Path,
     """Copy a stage's outputs from its workspace into the project and `dvc commit` them there
     (the outputs are already in the shared cache, so this only hashes and writes dvc.lock)."""
     root, ws = Path(root).resolve(), Path(ws)
-    _, outs = stage_paths(root, stage)
+    _, outs, _ = stage_paths(root, stage)
     for out in outs:
         src = ws / out
         if not src.exists():

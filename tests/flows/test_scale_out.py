@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -45,11 +48,7 @@ def _source(base: Path, s3_env: dict[str, str]) -> Path:
     sh("git", "rm", "-r", "-q", "--cached", "data/raw/fer2013", cwd=repo)
     sh("dvc", "add", "-q", "data/raw/fer2013", cwd=repo)
     sh("dvc", "remote", "add", "-d", "storage", f"s3://{DVC_BUCKET}/pipeline", cwd=repo)
-    import os
-
     env = {**os.environ, **s3_env}
-    import subprocess
-
     res = subprocess.run(["dvc", "push", "-q"], cwd=repo, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     sh("git", "add", "-A", cwd=repo)
@@ -68,9 +67,6 @@ def _history_rows(s3, key: str) -> int:
 def test_a_run_spreads_over_machines_that_share_only_git_s3_postgres_and_prefect(tmp_path):
     if not namespaces_work():
         pytest.skip("mount + PID namespaces not permitted here (unshare): isolation unprovable")
-    import os
-    import subprocess
-
     from prefect import get_client
 
     t0 = time.monotonic()
@@ -98,7 +94,7 @@ def test_a_run_spreads_over_machines_that_share_only_git_s3_postgres_and_prefect
 
         # Deployments, pool, `gpu` limit 2, zombie automation (40 s without a heartbeat).
         env = {**os.environ, **shared, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        res = subprocess.run([sys_python(), "flows/deploy.py", "--gpus", "2", "--repository", url,
+        res = subprocess.run([sys.executable, "flows/deploy.py", "--gpus", "2", "--repository", url,
                               "--branch", "main", "--zombie-after-s", "40"], cwd=source, env=env,
                              capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stdout + res.stderr
@@ -116,7 +112,7 @@ def test_a_run_spreads_over_machines_that_share_only_git_s3_postgres_and_prefect
         assert probe.returncode != 0 and "worker-b" not in probe.stdout, probe
         assert wa.run(["cat", str(wa.root / "marker")], hidden["worker-a"]).stdout == "worker-a"
 
-        fer = str(Path(sys_python()).parent / "fer")
+        fer = str(Path(sys.executable).parent / "fer")
         parent.start([fer, "worker", "--pool", "gpu", "--queue", "default", "--name", "parent"],
                       hidden["parent"])
         for m in (wa, wb):
@@ -266,12 +262,6 @@ def test_a_run_spreads_over_machines_that_share_only_git_s3_postgres_and_prefect
         for s in servers:
             s.stop()
         stack_cm.__exit__(None, None, None)
-
-
-def sys_python() -> str:
-    import sys
-
-    return sys.executable
 
 
 def _assert_alive(machines) -> None:

@@ -10,7 +10,6 @@ run stops saying what differs: nothing a worker says is taken on trust.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,38 +18,31 @@ import yaml
 
 from fer_pipeline.errors import FerError, TransientError
 from fer_pipeline.io import write_text
-from fer_pipeline.orchestrate import dvc
+from fer_pipeline.orchestrate import dvc, git, merge_lock, stage_paths
 from fer_pipeline.runner.exchange import RunStore
 from fer_pipeline.runner.job import StageJob, check_repository
-from fer_pipeline.runner.worker import RESULT, inputs_to_pull, stage_io
+from fer_pipeline.runner.worker import RESULT, inputs_to_pull
 
 # Code and configuration a worker takes from git: uncommitted edits there cannot reach it.
 CODE_PATHS = ("src", "dvc.yaml", "params.yaml", "pyproject.toml", "profiles", "teachers")
 
 
-def _git(*args: str, cwd: str | Path, check: bool = True) -> str:
-    res = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
-    if check and res.returncode != 0:
-        raise FerError(f"git {' '.join(args)} failed in {cwd}: {res.stderr.strip()}")
-    return res.stdout.strip()
-
-
 def dispatch_origin(root: str | Path) -> tuple[str, str]:
     """(repository URL, commit) the workers will run, checked before anything runs: the
     checkout's code is committed, the commit is on `origin`, and origin is a URL."""
-    repository = _git("remote", "get-url", "origin", cwd=root, check=False)
+    repository = git("remote", "get-url", "origin", cwd=root, check=False).strip()
     if not repository:
         raise FerError("dispatch=workers: this checkout has no `origin` remote; workers clone "
                        "the team's git URL (git remote add origin <url>) at the run's commit")
     check_repository(repository)
-    commit = _git("rev-parse", "HEAD", cwd=root)
-    edited = _git("diff", "--name-only", "HEAD", "--", *CODE_PATHS, cwd=root).split()
+    commit = git("rev-parse", "HEAD", cwd=root).strip()
+    edited = git("diff", "--name-only", "HEAD", "--", *CODE_PATHS, cwd=root).split()
     if edited:
         raise FerError(f"dispatch=workers runs committed code only, and {', '.join(edited)} "
                        f"has uncommitted changes: commit and push them, or run with "
                        f"dispatch=local (overrides go through the run's parameters)")
-    _git("fetch", "--quiet", "origin", cwd=root, check=False)
-    if not _git("branch", "-r", "--contains", commit, cwd=root, check=False):
+    git("fetch", "--quiet", "origin", cwd=root, check=False)
+    if not git("branch", "-r", "--contains", commit, cwd=root, check=False).strip():
         raise FerError(f"dispatch=workers: commit {commit[:12]} is not on origin ({repository}): "
                        f"`git push` it first; workers only see the git remote")
     return repository, commit
@@ -61,7 +53,7 @@ def make_job(ws: str | Path, stage: str, run_id: str, repository: str, commit: s
     """The job for `stage` and the input paths it pulls (outputs of earlier stages)."""
     ws = Path(ws)
     lock = (yaml.safe_load((ws / "dvc.lock").read_text()) or {}).get("stages") or {}
-    deps, _ = stage_io(ws, stage)
+    deps, _, _ = stage_paths(ws, stage)
     locks = {name: entry for name, entry in lock.items()
              if any(o["path"] in deps for o in entry.get("outs", []))}
     job = StageJob(repository=repository, commit=commit, stage=stage, run_id=run_id,
@@ -91,17 +83,12 @@ def collect(ws: str | Path, stage: str, result: dict[str, Any],
     """Merge the worker's dvc.lock entry and small files into the run copy, pull its models
     by hash, and check the stage is now up to date."""
     ws = Path(ws)
-    _, outs = stage_io(ws, stage)
-    allowed = {path for path, cached in outs if not cached}
+    _, _, uncached = stage_paths(ws, stage)
     for path, text in result["files"].items():
-        if path not in allowed:
+        if path not in uncached:
             raise FerError(f"{stage}: the worker returned {path!r}, not an uncached output")
         write_text(ws / path, text)
-    lock_file = ws / "dvc.lock"
-    lock = (yaml.safe_load(lock_file.read_text()) if lock_file.is_file() else None) or {}
-    lock.setdefault("schema", "2.0")
-    lock.setdefault("stages", {})[stage] = result["lock"]
-    write_text(lock_file, yaml.safe_dump(lock, sort_keys=False))
+    merge_lock(ws, {stage: result["lock"]})
     res = dvc("pull", "-q", stage, cwd=ws, check=False)
     if res.returncode != 0:
         raise TransientError(f"dvc pull of {stage}'s outputs failed: "

@@ -55,26 +55,28 @@ class RunStore:
     def push_dir(self, local: Path, name: str = "state",
                  uploaded: dict[str, tuple[int, int]] | None = None) -> int:
         """Upload the files of `local` that changed since `uploaded` (rel -> (size, mtime_ns)),
-        from a snapshot copy (training goes on writing), then the manifest, last: a reader
-        that finds a manifest finds every file it names. Returns the number of files sent."""
+        each from a copy taken first (training goes on writing), then the manifest, last: a
+        reader that finds a manifest finds every file it names. Unchanged files (a transfer
+        model's feature cache) are neither copied nor sent again. Returns the files sent."""
         uploaded = {} if uploaded is None else uploaded
         if not local.is_dir():
             return 0
+        files = {str(p.relative_to(local)): p for p in sorted(local.rglob("*")) if p.is_file()}
+        changed = {}
+        for rel, p in files.items():
+            st = p.stat()
+            if uploaded.get(rel) != (st.st_size, st.st_mtime_ns):
+                changed[rel] = (p, (st.st_size, st.st_mtime_ns))
+        if not changed:
+            return 0
         with tempfile.TemporaryDirectory(prefix="fer-state-") as tmp:
-            snap = Path(tmp) / "snap"
-            shutil.copytree(local, snap)
-            files = {str(p.relative_to(snap)): p for p in sorted(snap.rglob("*")) if p.is_file()}
-            sent = 0
-            for rel, p in files.items():
-                st = p.stat()
-                key = (st.st_size, st.st_mtime_ns)
-                if uploaded.get(rel) != key:
-                    self.fs.put_file(str(p), self._path(name, rel))
-                    uploaded[rel] = key
-                    sent += 1
-            if sent:
-                self.put_json(f"{name}/{MANIFEST}", sorted(files))
-        return sent
+            for i, (rel, (p, key)) in enumerate(changed.items()):
+                snap = Path(tmp) / str(i)
+                shutil.copy2(p, snap)
+                self.fs.put_file(str(snap), self._path(name, rel))
+                uploaded[rel] = key
+        self.put_json(f"{name}/{MANIFEST}", sorted(files))
+        return len(changed)
 
     def pull_dir(self, local: Path, name: str = "state") -> int:
         """Download the files the manifest names into `local` (replacing it). 0: none stored."""

@@ -32,7 +32,16 @@ from typing import Any
 import yaml
 
 from fer_pipeline.errors import FerError, TransientError
-from fer_pipeline.orchestrate import check_store_outlives, dvc, run_stage, stage_env
+from fer_pipeline.orchestrate import (
+    apply_overrides,
+    check_store_outlives,
+    dvc,
+    git,
+    merge_lock,
+    run_stage,
+    stage_env,
+    stage_paths,
+)
 from fer_pipeline.runner.exchange import RunStore, StateSync
 from fer_pipeline.runner.job import StageJob
 
@@ -44,13 +53,6 @@ def worker_root() -> Path:
     return Path(os.environ.get(ROOT_ENV) or Path.home() / ".cache" / "fer-worker").resolve()
 
 
-def git(*args: str, cwd: Path | None = None, check: bool = True) -> str:
-    res = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
-    if check and res.returncode != 0:
-        raise FerError(f"git {' '.join(args)} failed: {res.stderr.strip()}")
-    return res.stdout.strip()
-
-
 def checkout(job: StageJob, root: Path, log: Callable[[str], None]) -> Path:
     """A fresh clone of the job's repository at its commit, from the root's mirror."""
     mirror = root / "mirrors" / (hashlib.sha1(job.repository.encode()).hexdigest()[:16] + ".git")
@@ -59,16 +61,16 @@ def checkout(job: StageJob, root: Path, log: Callable[[str], None]) -> Path:
             git("remote", "update", "--prune", cwd=mirror)
         else:
             mirror.parent.mkdir(parents=True, exist_ok=True)
-            git("clone", "--quiet", "--mirror", job.repository, str(mirror))
+            git("clone", "--quiet", "--mirror", job.repository, str(mirror), cwd=root)
     except FerError as exc:
         raise TransientError(f"cannot fetch {job.repository}: {exc}") from None
-    if git("cat-file", "-t", job.commit, cwd=mirror, check=False) != "commit":
+    if git("cat-file", "-t", job.commit, cwd=mirror, check=False).strip() != "commit":
         raise FerError(f"commit {job.commit} is not in {job.repository}: push it before "
                        f"dispatching (the workers only see the git remote)")
     work = root / "jobs" / job.run_id / job.stage.replace("@", "-")
     shutil.rmtree(work, ignore_errors=True)
     work.parent.mkdir(parents=True, exist_ok=True)
-    git("clone", "--quiet", "--no-checkout", str(mirror), str(work))
+    git("clone", "--quiet", "--no-checkout", str(mirror), str(work), cwd=root)
     git("checkout", "--quiet", "--detach", job.commit, cwd=work)
     git("remote", "set-url", "origin", job.repository, cwd=work)
     log(f"clone of {job.repository} at {job.commit[:12]} in {work}")
@@ -104,47 +106,6 @@ def check_environment(work: Path, job: StageJob) -> None:
         raise FerError(f"this worker's packages do not fit commit {job.commit[:12]}: "
                        + "; ".join(problems) + f". Reinstall the worker at that commit "
                        f"(`git checkout {job.commit[:12]} && make setup`) and restart it")
-
-
-def write_overrides(work: Path, overrides: dict[str, Any]) -> None:
-    """Set dotted keys in the clone's params.yaml (comments kept). Not validated here: the
-    stage's own loader (the commit's code) checks the file when it runs."""
-    if not overrides:
-        return
-    from ruamel.yaml import YAML
-
-    ryaml = YAML()
-    ryaml.preserve_quotes = True
-    path = work / "params.yaml"
-    data = ryaml.load(path.read_text())
-    for key, value in overrides.items():
-        node = data
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    with path.open("w") as fh:
-        ryaml.dump(data, fh)
-
-
-def merge_locks(work: Path, locks: dict[str, dict[str, Any]]) -> None:
-    path = work / "dvc.lock"
-    lock = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
-    lock.setdefault("schema", "2.0")
-    lock.setdefault("stages", {}).update(locks)
-    path.write_text(yaml.safe_dump(lock, sort_keys=False))
-
-
-def stage_io(work: Path, stage: str) -> tuple[list[str], list[tuple[str, bool]]]:
-    """(deps, [(out, cached)]) of one stage, paths relative to the project, by DVC's parser."""
-    from dvc.repo import Repo
-
-    with Repo(str(work)) as repo:
-        (st,) = repo.stage.collect(f"{work / 'dvc.yaml'}:{stage}")
-        rel = lambda p: os.path.relpath(Path(st.wdir) / str(p), work)  # noqa: E731
-        deps = [rel(d.def_path) for d in st.deps if type(d).__name__ != "ParamsDependency"]
-        outs = [(rel(o.def_path), bool(o.use_cache)) for o in st.outs]
-    return deps, outs
 
 
 def inputs_to_pull(deps: list[str], locks: dict[str, dict[str, Any]]) -> list[str]:
@@ -197,9 +158,9 @@ def execute(job: StageJob, root: Path | None = None,
     work = checkout(job, root, log)
     check_environment(work, job)
     configure_dvc(work, root)
-    write_overrides(work, job.overrides)
-    merge_locks(work, job.locks)
-    deps, outs = stage_io(work, job.stage)
+    apply_overrides(work, job.overrides, validate=False)
+    merge_lock(work, job.locks)
+    deps, _, uncached = stage_paths(work, job.stage)
     pull = inputs_to_pull(deps, job.locks)
     clock.lap("clone")
     if pull:
@@ -237,9 +198,9 @@ def execute(job: StageJob, root: Path | None = None,
                              f"{(res.stdout + res.stderr).strip()[-1500:]}")
     clock.lap("push")
     lock = (yaml.safe_load((work / "dvc.lock").read_text()) or {})["stages"][job.stage]
-    files = {path: (work / path).read_bytes().decode() for path, cached in outs
-             if not cached and (work / path).is_file()}
-    commit = git("rev-parse", "HEAD", cwd=work)
+    files = {path: (work / path).read_bytes().decode() for path in uncached
+             if (work / path).is_file()}
+    commit = git("rev-parse", "HEAD", cwd=work).strip()
     out = {"stage": job.stage, "status": result.status, "commit": commit,
            "attempt": job.attempt, "host": socket.gethostname(), "pid": os.getpid(),
            "started": started, "ended": time.time(), "resumed_files": restored,
