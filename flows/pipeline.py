@@ -1,13 +1,14 @@
 """Prefect flow `fer-pipeline`: the stages of dvc.yaml, one Prefect task per stage.
 
 The flow does not know what a stage does: each task runs `dvc repro --single-item <stage>`
-(DVC skips what is up to date) and streams the stage's output into the task's log. The stage
-list comes from dvc.yaml (`dvc stage list`), so a new stage or a new `models.<name>` key in
-params.yaml shows up here without a code change. Items of a foreach stage (train@<model>)
-run concurrently, each in its own workspace (see fer_pipeline.orchestrate), either in this
-flow run's threads (dispatch="local") or as `fer-train` flow runs that any worker of the
-`gpu` pool picks up (dispatch="workers"). Design notes: docs/orchestration.md; what a flow
-parameter may not ask of a worker, and the failure alert: docs/security.md.
+(DVC skips what is up to date) and streams the stage's output into the task's log. The run is
+planned and executed by fer_pipeline.runner.engine, the same code as `fer run`: the stage list
+comes from dvc.yaml, so a new stage or a new `models.<name>` key in params.yaml shows up here
+without a code change. Items of a stage marked `meta: {gpu: true}` (train@<model>) run
+concurrently, each in its own workspace in this flow run's threads (dispatch="local") or as a
+stage job, a `fer-train` flow run that any worker of the `gpu` pool picks up
+(dispatch="workers"). Design notes: docs/orchestration.md; what a flow parameter may not ask
+of a worker, and the failure alert: docs/security.md.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 import os
 import socket
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -28,14 +28,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.runtime import deployment, flow_run
 
-from fer_pipeline import orchestrate as orch
-from fer_pipeline import params as P
 from fer_pipeline.errors import FerError, TransientError
+from fer_pipeline.runner import engine, policy
+from fer_pipeline.runner.overrides import build_overrides
+from fer_pipeline.runner.project import stage_is_current
+from fer_pipeline.runner.stage import RUN_ID_ENV, StageFailed, check_store_outlives, run_stage
 from fer_pipeline.tracking import git_info
 
 TRAIN_DEPLOYMENT = os.environ.get("FER_TRAIN_DEPLOYMENT", "fer-train/gpu")
-GPU_STAGES = {"train"}           # foreach stages whose items hold a GPU: tagged `gpu`
-GPU_TAG = "gpu"
+GPU_TAG = "gpu"                  # tasks of stages with `meta: {gpu: true}` in dvc.yaml
 TRANSIENT_STATE = "FailedTransient"   # a fer-train run's final state when a retry may pass
 TRAIN_ATTEMPTS = int(os.environ.get("FER_TRAIN_ATTEMPTS", "3"))   # a job's tries over workers
 RETRIES = int(os.environ.get("FER_STAGE_RETRIES", "2"))
@@ -46,10 +47,6 @@ PICKUP_TIMEOUT_S = float(os.environ.get("FER_PICKUP_TIMEOUT_S", str(15 * 60)))
 TRAIN_TIMEOUT_S = float(os.environ.get("FER_TRAIN_TIMEOUT_S", str(24 * 3600)))
 ALERT_WEBHOOK_ENV = "FER_ALERT_WEBHOOK"            # URL that receives a JSON POST on a failure
 ALERT_SECRET_ENV = "FER_ALERT_WEBHOOK_SECRET"      # or: name of a Prefect Secret block holding it
-
-# Everything that touches the project's DVC state (status, reading stages, dvc commit) is done
-# by one thread at a time; the stages themselves run in parallel in their own workspaces.
-_PROJECT_LOCK = threading.Lock()
 
 
 def only_transient(task, task_run, state) -> bool:
@@ -63,32 +60,27 @@ def only_transient(task, task_run, state) -> bool:
 
 
 def _run_id() -> str:
-    return str(flow_run.id or "") or os.environ.get(orch.RUN_ID_ENV) or uuid.uuid4().hex
+    return str(flow_run.id or "") or os.environ.get(RUN_ID_ENV) or uuid.uuid4().hex
 
 
 @task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE, retries=RETRIES,
       retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=only_transient)
-def dvc_stage(stage: str, project_dir: str, run_id: str, store_dir: str) -> dict[str, Any]:
-    """One stage in the run's copy of the project: `dvc repro --single-item <stage>`
-    (MLflow: the checkout `store_dir`'s store)."""
+def dvc_stage(stage: str, run: engine.Run) -> dict[str, Any]:
+    """One stage in the run's copy of the project: `dvc repro --single-item <stage>`."""
     logger = get_run_logger()
-    with _PROJECT_LOCK:
-        result = orch.run_stage(stage, project_dir, env=orch.stage_env(store_dir, run_id),
-                                log=logger.info)
-    logger.info("%s: %s in %.1fs", stage, result.status, result.seconds)
-    return result.as_dict()
+    result = engine.run_serial(run, stage, log=logger.info)
+    logger.info("%s: %s in %.1fs", stage, result["status"], result["seconds"])
+    return result
 
 
 @task(name="run-in-workspace", task_run_name="{stage} in workspace", cache_policy=NO_CACHE)
-def run_in_workspace(stage: str, workspace: str, project_dir: str, run_id: str) -> dict[str, Any]:
-    """The stage itself, in its own workspace (MLflow: the checkout `project_dir`'s store).
-    Tagged `gpu` for training stages, so the tag concurrency limit `gpu` caps how many run at
-    once."""
+def run_in_workspace(stage: str, workspace: str, run: engine.Run) -> dict[str, Any]:
+    """The stage itself, in its own workspace. Tagged `gpu`, so the tag concurrency limit `gpu`
+    caps how many run at once."""
     logger = get_run_logger()
     logger.info("host %s, pid %d, workspace %s", socket.gethostname(), os.getpid(), workspace)
-    result = orch.run_stage(stage, workspace, env=orch.stage_env(project_dir, run_id), log=logger.info)
-    return {**result.as_dict(), "workspace": workspace, "host": socket.gethostname(),
-            "pid": os.getpid()}
+    result = run_stage(stage, workspace, env=run.env(), log=logger.info)
+    return {**result.as_dict(), "host": socket.gethostname(), "pid": os.getpid()}
 
 
 @flow(name="fer-train", log_prints=True)
@@ -104,11 +96,11 @@ def fer_train(job: dict[str, Any]) -> Any:
     from fer_pipeline.runner.job import StageJob
 
     stage_job = StageJob.from_params(job)
-    os.environ[orch.RUN_ID_ENV] = stage_job.run_id
+    os.environ[RUN_ID_ENV] = stage_job.run_id
     print(f"{stage_job.stage} attempt {stage_job.attempt} of run {stage_job.run_id} on "
           f"{socket.gethostname()}: {stage_job.repository} at {stage_job.commit[:12]}")
     try:
-        return _stage_job.with_options(tags=_gpu_tags(stage_job.stage))(stage_job)
+        return _stage_job.with_options(tags=[GPU_TAG])(stage_job)   # only gpu stages travel
     except TransientError as exc:
         return Failed(name=TRANSIENT_STATE, message=str(exc))
 
@@ -122,34 +114,27 @@ def _stage_job(job: Any) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k not in ("lock", "files")}
 
 
-def _gpu_tags(stage: str) -> list[str]:
-    """`gpu` for items of GPU_STAGES: the tag concurrency limit caps how many run at once."""
-    return [GPU_TAG] if stage.split("@", 1)[0] in GPU_STAGES else []
-
-
 @task(name="parallel-stage", task_run_name="{stage}", cache_policy=NO_CACHE, retries=RETRIES,
       retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=only_transient)
-def parallel_stage(stage: str, project_dir: str, run_id: str, dispatch: str,
-                   store_dir: str, pickup_timeout_s: float = PICKUP_TIMEOUT_S,
+def parallel_stage(stage: str, run: engine.Run, dispatch: str,
+                   pickup_timeout_s: float = PICKUP_TIMEOUT_S,
                    train_timeout_s: float = TRAIN_TIMEOUT_S,
-                   origin: tuple[str, str] | None = None,
-                   overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A foreach item: skip if current; else run it here in its own workspace and bring its
-    outputs back (dispatch=local), or send it to a worker as a stage job and merge what comes
-    back through the DVC remote (dispatch=workers)."""
+                   origin: tuple[str, str] | None = None) -> dict[str, Any]:
+    """An item of a gpu stage: skip if current; else run it here in its own workspace and
+    bring its outputs back (dispatch=local), or send it to a worker as a stage job and merge
+    what comes back through the DVC remote (dispatch=workers)."""
     logger = get_run_logger()
-    with _PROJECT_LOCK:
-        if orch.stage_is_current(stage, project_dir):
-            logger.info("Stage '%s' didn't change, skipping", stage)
-            return {"stage": stage, "status": "skipped", "seconds": 0.0, "workspace": None}
-        if dispatch != "workers":
-            ws = str(orch.prepare_workspace(project_dir, stage))
     if dispatch != "workers":
-        result = run_in_workspace.with_options(tags=_gpu_tags(stage))(stage, ws, store_dir, run_id)
-        with _PROJECT_LOCK:
-            orch.bring_back(project_dir, stage, ws, log=logger.info)
-        return result
-    return _dispatch(stage, project_dir, run_id, origin, overrides or {},
+        def execute(name: str, ws: str) -> dict[str, Any]:
+            return run_in_workspace.with_options(tags=[GPU_TAG])(name, ws, run)
+
+        return engine.run_isolated(run, stage, log=logger.info, execute=execute)
+    with engine.PROJECT_LOCK:
+        current = stage_is_current(stage, run.copy)
+    if current:
+        logger.info("Stage '%s' didn't change, skipping", stage)
+        return {"stage": stage, "status": "skipped", "seconds": 0.0, "workspace": None}
+    return _dispatch(stage, str(run.copy), run.run_id, origin, run.overrides,
                      pickup_timeout_s, train_timeout_s)
 
 
@@ -167,7 +152,7 @@ def _dispatch(stage: str, project_dir: str, run_id: str, origin: tuple[str, str]
 
     logger = get_run_logger()
     assert origin is not None, "dispatch=workers needs the run's repository and commit"
-    with _PROJECT_LOCK:
+    with engine.PROJECT_LOCK:
         job, inputs = jobs.make_job(project_dir, stage, run_id, *origin, overrides)
         jobs.push_inputs(project_dir, inputs)
     logger.info("%s: inputs %s on the DVC remote; job for %s at %s", stage, inputs, origin[0],
@@ -186,10 +171,10 @@ def _dispatch(stage: str, project_dir: str, run_id: str, origin: tuple[str, str]
         tried.append(why)
         retry = state is not None and (state.is_crashed() or state.name == TRANSIENT_STATE)
         if not retry or attempt == TRAIN_ATTEMPTS:
-            raise orch.StageFailed(stage, 1, tried)
+            raise StageFailed(stage, 1, tried)
         logger.warning("%s; attempt %d goes to any worker of the pool", why, attempt + 1)
     result = jobs.read_result(project_dir, job)
-    with _PROJECT_LOCK:
+    with engine.PROJECT_LOCK:
         jobs.collect(project_dir, stage, result, log=logger.info)
     return {"stage": stage, "status": result["status"], "flow_run": child.name,
             "seconds": round(child.total_run_time.total_seconds(), 1),
@@ -226,7 +211,7 @@ def wait_for_child(stage: str, child_id: Any, pickup_timeout_s: float,
                 time.sleep(poll_s)
                 continue
             _cancel(client, child, why)
-            raise orch.StageFailed(stage, 1, [why])
+            raise StageFailed(stage, 1, [why])
 
 
 def _cancel(client: Any, child: Any, why: str) -> None:
@@ -330,7 +315,7 @@ def fer_pipeline(
     must lie in an allowed root; overrides may not set a path, server or command param; profile
     is a name of profiles/*.yaml.
 
-    The run works in its own copy of the project (`orchestrate.run_copy`, keyed by the flow run
+    The run works in its own copy of the project (`workspace.run_copy`, keyed by the flow run
     id): overrides are applied there, never to the checkout's params.yaml, so a kill, a crash
     or a second run at the same time cannot leave the checkout changed.
     """
@@ -339,75 +324,59 @@ def fer_pipeline(
         # Run by a worker, parameters from the API: the project is the run's clone (the working
         # directory, prefect.yaml's pull steps) unless project_dir names an allowed one.
         root = str(Path(project_dir or ".").resolve())
-        orch.check_project_dir(root, orch.allowed_project_roots())
-        orch.check_store_outlives(root)
+        policy.check_project_dir(root, policy.allowed_project_roots())
+        check_store_outlives(root)
     else:
         root = str(Path(project_dir or os.environ.get("FER_PROJECT_DIR") or ".").resolve())
-    orch.check_flow_inputs(overrides, profile, Path(root, "profiles"))
+    policy.check_flow_inputs(overrides, profile, Path(root, "profiles"))
     run_id = _run_id()
-    os.environ[orch.RUN_ID_ENV] = run_id
+    os.environ[RUN_ID_ENV] = run_id
     git = git_info(root)
     logger.info("project %s, git %s (dirty: %s), %s=%s", root, git["commit"], git["dirty"],
-                orch.RUN_ID_ENV, run_id)
-
-    all_models = orch.model_names(root)
-    unknown = sorted(set(models or []) - set(all_models))
-    if unknown:
-        raise FerError(f"unknown model(s) {unknown}; params.yaml models: {all_models}")
-    params = orch.build_overrides(overrides, models=models, epochs=epochs,
-                                  max_per_class=max_per_class, profile=profile, root=root)
-    P.load(Path(root, "params.yaml"), params)   # a typo fails here, before anything is copied
+                RUN_ID_ENV, run_id)
+    params = build_overrides(overrides, models=models, epochs=epochs,
+                             max_per_class=max_per_class, profile=profile, root=root)
     origin = None
     if dispatch == "workers":
         from fer_pipeline.runner.dispatch import dispatch_origin
 
         origin = dispatch_origin(root)   # committed, pushed, a URL: refused here otherwise
         logger.info("trainings go to workers as jobs: %s at %s", *origin)
-    ws = str(orch.run_copy(root, run_id))
-    logger.info("run copy: %s (the checkout is not written)", ws)
-    changed = orch.apply_overrides(ws, params)
-    for key, (old, new) in changed.items():
-        logger.info("param %s: %r -> %r", key, old, new)
-    if pull if pull is not None else bool(deployment.id):
-        # A fresh clone on a worker: the raw data and every output the remote holds, so
-        # stages whose inputs did not change are skipped.
-        res = orch.dvc("pull", "--allow-missing", cwd=ws, check=False)
-        if res.returncode != 0:
-            raise orch.classify("pull", res.returncode, (res.stdout + res.stderr).splitlines())
-        logger.info("pulled the data and up-to-date outputs from the DVC remote")
+    run = engine.open_run(root, run_id, params, models=models,
+                          pull=pull if pull is not None else bool(deployment.id),
+                          log=logger.info)
     timeouts = (PICKUP_TIMEOUT_S if pickup_timeout_s is None else pickup_timeout_s,
                 TRAIN_TIMEOUT_S if train_timeout_s is None else train_timeout_s)
-    result = _run(ws, root, run_id, git, changed, models, dispatch, save_experiment, timeouts,
-                  origin)
-    if adopt and not changed:
-        orch.adopt_results(root, ws, [s["stage"] for s in result["stages"]
-                                      if s["status"] == "ran"], log=logger.info)
-    elif changed:
-        logger.info("overrides given: results stay in DVC experiment %s, the checkout's "
-                    "dvc.lock is unchanged", result["experiment"])
-    orch.remove_run_copy(root, ws)
-    return result
+    results = _run(run, dispatch, timeouts, origin)
+    name = f"prefect-{flow_run.name or run_id[:8]}"
+    done = engine.finish(
+        run, experiment=name if save_experiment and git["commit"] != "unknown" else None,
+        ran=[s["stage"] for s in results if s["status"] == "ran"],
+        keep=bool(deployment.id),        # the worker deletes this clone after the run
+        adopt=adopt, log=logger.info)
+    identity = {"prefect_flow_run": run_id, "flow_run_name": flow_run.name,
+                "mlflow_tag": f"pipeline_run_id = {run_id}", "git_commit": git["commit"],
+                "git_dirty": git["dirty"], "dvc_experiment": done["experiment"] or "",
+                "overrides": run.changed}
+    create_markdown_artifact(key="fer-pipeline-report",
+                             markdown=_report(identity, results, done["comparison"]),
+                             description="fer-pipeline: stages, run identity, model comparison")
+    engine.close(run)
+    return {"run_id": run_id, "stages": results, "experiment": done["experiment"],
+            "overrides": run.changed}
 
 
-def _run(ws: str, root: str, run_id: str, git: dict[str, str], changed: dict[str, Any],
-         models: list[str] | None, dispatch: str, save_experiment: bool,
+def _run(run: engine.Run, dispatch: str,
          timeouts: tuple[float, float] = (PICKUP_TIMEOUT_S, TRAIN_TIMEOUT_S),
-         origin: tuple[str, str] | None = None) -> dict[str, Any]:
-    logger = get_run_logger()
+         origin: tuple[str, str] | None = None) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
-    for group in orch.stage_groups(ws):
-        if len(group) == 1 and "@" not in group[0]:
-            results.append(dvc_stage(group[0], ws, run_id, root))
+    for step in engine.plan(run):
+        if not step.parallel:   # in order, in the run copy (teach@<model>: seconds each)
+            results.extend(dvc_stage(s, run) for s in step.stages)
             continue
-        items = [s for s in group if not models or "@" not in s or s.split("@", 1)[1] in models]
-        if not group[0].startswith("train@"):   # teach@<model>: seconds each, here, in order
-            results.extend(dvc_stage(s, ws, run_id, root) for s in items)
-            continue
-        if items:
-            orch.init_tracking_store(ws, orch.stage_env(root, run_id))
-        job_overrides = {key: new for key, (_, new) in changed.items()}
-        futures = [parallel_stage.submit(s, ws, run_id, dispatch, root, *timeouts, origin,
-                                         job_overrides) for s in items]
+        engine.before_parallel(run)
+        futures = [parallel_stage.submit(s, run, dispatch, *timeouts, origin)
+                   for s in step.stages]
         wait(futures)
         failed = []
         for fut in futures:
@@ -418,35 +387,21 @@ def _run(ws: str, root: str, run_id: str, git: dict[str, str], changed: dict[str
         if failed:
             if len(failed) == 1:
                 raise failed[0]
-            raise orch.StageFailed(group[0].split("@")[0], 1,
-                                   [line for exc in failed for line in str(exc).splitlines()])
-
-    experiment = None
-    if save_experiment and git["commit"] != "unknown":
-        experiment = orch.save_experiment(ws, f"prefect-{flow_run.name or run_id[:8]}")
-        logger.info("DVC experiment: %s", experiment or "not saved (see `dvc exp save`)")
-    if deployment.id:
-        # The worker deletes this clone after the run: push what the team needs to find.
-        for problem in orch.keep_results(ws, experiment, log=logger.info):
-            logger.warning("results not kept: %s", problem)
-
-    identity = {"prefect_flow_run": run_id, "flow_run_name": flow_run.name,
-                "mlflow_tag": f"pipeline_run_id = {run_id}", "git_commit": git["commit"],
-                "git_dirty": git["dirty"], "dvc_experiment": experiment or "",
-                "overrides": changed}
-    create_markdown_artifact(key="fer-pipeline-report", markdown=_report(identity, results, ws),
-                             description="fer-pipeline: stages, run identity, model comparison")
-    return {"run_id": run_id, "stages": results, "experiment": experiment, "overrides": changed}
+            raise StageFailed(step.stages[0].split("@")[0], 1,
+                              [line for exc in failed for line in str(exc).splitlines()])
+    return results
 
 
-def _report(identity: dict[str, Any], results: list[dict[str, Any]], root: str) -> str:
+def _report(identity: dict[str, Any], results: list[dict[str, Any]],
+            comparison: str | None) -> str:
     lines = ["# fer-pipeline run", "", "| | |", "|---|---|"]
     lines += [f"| {k} | `{v}` |" for k, v in identity.items()]
     lines += ["", "Find it in MLflow: runs tagged `pipeline_run_id` = the flow run id; in DVC: "
               "`dvc exp show` (experiment above) or the git commit.", "",
               "## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
     lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} |" for r in results]
-    lines += ["", "## Model comparison", "", orch.comparison_markdown(root)]
+    lines += ["", "## Model comparison", "",
+              comparison or "_The evaluate stage did not run in this run: no comparison._"]
     return "\n".join(lines)
 
 

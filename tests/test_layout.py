@@ -14,7 +14,7 @@ BASE = {"errors", "params", "io", "arrays", "tracking", "keras_mlflow", "plots",
         "synthetic", "sandbox", "profiles", "tta", "release", "calibration",
         "corruptions", "backend", "soft_labels"}
 STAGES = {"data", "teach", "train", "evaluate", "predict", "export"}   # each: base + its own only
-RUNNER = {"orchestrate", "runner"}       # base + each other (they shell out to `dvc`, git)
+RUNNER = {"runner"}                      # base + each other (they shell out to `dvc`, git)
 APPS = {"serve": {"predict"}, "web": set(),        # predict over HTTP: base + predict
         "worker": set()}                             # fer worker: base only
 

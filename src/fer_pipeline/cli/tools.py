@@ -117,39 +117,45 @@ class _CsvFaces:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import shlex
-    import subprocess
-
-    from fer_pipeline.profiles import dvc_command, experiment_name, load_profile
-    from fer_pipeline.tracking import resolve_tracking_uri
+    """The pipeline in a copy of the checkout (runner.engine, the flow's engine), recorded as a
+    DVC experiment; the checkout's params.yaml, dvc.lock and outputs are not written."""
+    from fer_pipeline.profiles import experiment_name, load_profile
+    from fer_pipeline.runner import engine
 
     overrides = {**(load_profile(args.profile) if args.profile else {}),
                  **P.parse_overrides(args.sets)}
-    p = P.load(args.params, overrides)   # a typo fails here, not inside `dvc exp run`
+    P.load(args.params, overrides)   # a typo fails here, before anything is copied
     name = args.name or experiment_name(args.profile)
-    cmd = dvc_command(overrides, args.targets, args.queue, name)
-    print("$ " + shlex.join(cmd), flush=True)
+    checkout = Path.cwd()
     if args.dry:
+        plan = engine.plan(engine.Run(checkout, checkout, name, {}, targets=engine.upstream(
+            checkout, args.targets) if args.targets else None))
+        for step in plan:
+            print(("in parallel: " if step.parallel else "") + " ".join(step.stages))
         return 0
-    # Fetch from the checkout, where relative remote URLs resolve, into the cache the temporary
-    # copy shares: the raw images from `fer2013`, outputs others pushed to `storage` (what no
-    # remote has is rebuilt by the run; DVC lists those as missing).
-    print("$ dvc fetch", flush=True)
-    if subprocess.call(["dvc", "fetch"]) != 0:
-        raise FerError("`dvc fetch` failed (above): the run needs the raw images from the "
-                       "`fer2013` remote. Check `dvc remote list`; a copy elsewhere: `dvc remote "
-                       "modify --local fer2013 url /path/to/dvc-remote`.")
-    # The experiment runs in a temporary copy without the checkout's (gitignored) MLflow store:
-    # point it at the checkout's store, resolved here.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": resolve_tracking_uri(p.mlflow.tracking_uri)}
-    rc = subprocess.call(cmd, env=env)
-    if rc == 0 and not args.queue:
-        print(f"\nexperiment {name}: the checkout is unchanged. Compare: `dvc exp show`; its "
-              f"reports: `git show $(git for-each-ref --format='%(refname)' refs/exps | grep "
-              f"/{name}$):reports/evaluate/comparison.md`; take it over: `dvc exp apply {name}`; "
-              f"MLflow: runs tagged pipeline_run_id in {env['MLFLOW_TRACKING_URI']}")
-        print(_registry_line(name))
-    return rc
+    # The run id is the experiment's name: the same `fer run -n NAME` after a crash takes over
+    # the kept run copy, and its trainings resume from their last epoch.
+    run = engine.open_run(checkout, name, overrides, targets=args.targets or None, pull=True,
+                          log=print)
+    try:
+        results = engine.run_all(run, log=print)
+    except FerError as exc:
+        raise FerError(f"{exc}\nThe run copy stays at {run.copy}: `fer run -n {name}` with the "
+                       f"same arguments resumes there; `git worktree remove --force {run.copy}` "
+                       f"drops it") from None
+    done = engine.finish(run, experiment=name, ran=[r["stage"] for r in results
+                                                    if r["status"] == "ran"], log=print)
+    engine.close(run)
+    if not done["experiment"]:
+        raise FerError(f"the run finished but `dvc exp save` failed: its results are in "
+                       f"{run.copy}")
+    uri = run.env()["MLFLOW_TRACKING_URI"]
+    print(f"\nexperiment {name}: the checkout is unchanged. Compare: `dvc exp show`; its "
+          f"reports: `git show $(git for-each-ref --format='%(refname)' refs/exps | grep "
+          f"/{name}$):reports/evaluate/comparison.md`; take it over: `dvc exp apply {name}`; "
+          f"MLflow: runs tagged pipeline_run_id = {name} in {uri}")
+    print(_registry_line(name))
+    return 0
 
 
 def _registry_line(experiment: str) -> str:
@@ -242,13 +248,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="release", help="bundle folder (default: %(default)s)")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("run", help="run the pipeline as a DVC experiment, optionally with a profile")
+    p = sub.add_parser("run", help="run the pipeline in a copy of the checkout, recorded as a "
+                                   "DVC experiment, optionally with a profile")
     p.add_argument("--profile", help="profile name from profiles/ (e.g. quick)")
     p.add_argument("-S", "--set", dest="sets", action="append", default=[],
                    metavar="KEY=VALUE", help="extra param override (repeatable)")
-    p.add_argument("--queue", action="store_true", help="queue instead of running now")
     p.add_argument("-n", "--name", help="experiment name (default: run-<profile>-<UTC time>)")
-    p.add_argument("--dry", action="store_true", help="print the dvc command only")
+    p.add_argument("--dry", action="store_true", help="print the stages it would run, in order")
     p.add_argument("targets", nargs="*", help="stages to run (default: the whole pipeline)")
     p.set_defaults(func=_run)
 

@@ -18,9 +18,9 @@ import yaml
 
 from fer_pipeline.errors import FerError, TransientError
 from fer_pipeline.io import write_text
-from fer_pipeline.orchestrate import dvc, git, merge_lock, stage_paths
 from fer_pipeline.runner.exchange import RunStore
 from fer_pipeline.runner.job import StageJob, check_repository
+from fer_pipeline.runner.project import dvc, git, merge_lock, stage_paths
 from fer_pipeline.runner.worker import RESULT, inputs_to_pull
 
 # Code and configuration a worker takes from git: uncommitted edits there cannot reach it.

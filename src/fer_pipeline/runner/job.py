@@ -60,7 +60,7 @@ class StageJob:
         return job
 
     def check(self) -> None:
-        from fer_pipeline.orchestrate import check_flow_inputs
+        from fer_pipeline.runner.policy import check_flow_inputs
 
         if not isinstance(self.commit, str) or not _COMMIT.fullmatch(self.commit):
             raise FerError(f"stage job: commit {self.commit!r} is not a full 40-hex commit id")

@@ -32,18 +32,11 @@ from typing import Any
 import yaml
 
 from fer_pipeline.errors import FerError, TransientError
-from fer_pipeline.orchestrate import (
-    apply_overrides,
-    check_store_outlives,
-    dvc,
-    git,
-    merge_lock,
-    run_stage,
-    stage_env,
-    stage_paths,
-)
 from fer_pipeline.runner.exchange import RunStore, StateSync
 from fer_pipeline.runner.job import StageJob
+from fer_pipeline.runner.overrides import apply_overrides
+from fer_pipeline.runner.project import dvc, git, merge_lock, stage_paths
+from fer_pipeline.runner.stage import check_store_outlives, run_stage, stage_env
 
 ROOT_ENV = "FER_WORKER_ROOT"
 RESULT = "result.json"
@@ -84,6 +77,9 @@ def environment_problems(pyproject: Path) -> list[str]:
 
     from packaging.requirements import Requirement
 
+    if not pyproject.is_file():
+        return [f"{pyproject.name} missing at this commit: nothing says which packages its code "
+                f"needs"]
     deps = tomllib.loads(pyproject.read_text()).get("project", {}).get("dependencies", [])
     problems = []
     for spec in deps:
