@@ -374,7 +374,6 @@ def _run(run: engine.Run, dispatch: str,
         if not step.parallel:   # in order, in the run copy (teach@<model>: seconds each)
             results.extend(dvc_stage(s, run) for s in step.stages)
             continue
-        engine.before_parallel(run)
         futures = [parallel_stage.submit(s, run, dispatch, *timeouts, origin)
                    for s in step.stages]
         wait(futures)

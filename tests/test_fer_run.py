@@ -104,3 +104,37 @@ def test_a_smoke_profile_after_a_real_champion_leaves_the_alias_and_says_so(tmp_
     assert client.get_model_version_by_alias("fer-emotion", "champion").version == champion.version
     smoke = max(versions, key=lambda v: int(v.version))
     assert smoke.tags["promotion_decision"] == "not_asked"
+
+
+def test_two_runs_at_once_keep_their_own_results(tmp_path):
+    """Two `fer run`s started together in one checkout (one DVC cache, one MLflow store, one
+    git repository): each experiment holds its own params and metrics, each MLflow run its own
+    run id, and the checkout is untouched."""
+    import mlflow
+
+    repo = make_project(tmp_path, n_models=1)
+    before = _tracked_state(repo)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    procs = {epochs: subprocess.Popen(
+        ["fer", "run", "-n", f"e{epochs}", "-S", f"models.custom_cnn.epochs={epochs}"],
+        cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for epochs in (1, 2)}
+    outs = {epochs: p.communicate(timeout=900)[0] for epochs, p in procs.items()}
+    for epochs, p in procs.items():
+        assert p.returncode == 0, outs[epochs][-3000:]
+    assert sh("git", "status", "--porcelain", cwd=repo).strip() == ""
+    assert _tracked_state(repo) == before
+    refs = sh("git", "for-each-ref", "--format=%(refname)", "refs/exps", cwd=repo).split()
+    for epochs in (1, 2):
+        (ref,) = [r for r in refs if r.endswith(f"/e{epochs}")]
+        params = yaml.safe_load(sh("git", "show", f"{ref}:params.yaml", cwd=repo))
+        metrics = yaml.safe_load(sh("git", "show", f"{ref}:reports/train/custom_cnn/metrics.json",
+                                    cwd=repo))
+        assert params["models"]["custom_cnn"]["epochs"] == epochs
+        assert metrics["epochs_run"] == epochs
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    trained = {r.data.tags.get("pipeline_run_id"): r for r in runs
+               if r.data.tags.get("model_name") == "custom_cnn"}
+    assert set(trained) == {"e1", "e2"}
+    assert {k: int(r.data.params["model.epochs"]) for k, r in trained.items()} == {"e1": 1, "e2": 2}

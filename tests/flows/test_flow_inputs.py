@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fer_pipeline import orchestrate as orch
 from fer_pipeline.errors import FerError
+from fer_pipeline.runner import policy
+from fer_pipeline.runner.stage import check_store_outlives
 from fer_pipeline.sandbox import ROOT
 
 PROFILES = ROOT / "profiles"
@@ -17,9 +18,9 @@ PROFILES = ROOT / "profiles"
 
 def test_project_dir_inside_an_allowed_root_is_accepted(tmp_path):
     (tmp_path / "clone" / "sub").mkdir(parents=True)
-    assert orch.check_project_dir(tmp_path / "clone", [tmp_path / "clone"]) == \
+    assert policy.check_project_dir(tmp_path / "clone", [tmp_path / "clone"]) == \
         (tmp_path / "clone").resolve()
-    assert orch.check_project_dir(tmp_path / "clone/sub", [(tmp_path / "clone").resolve()])
+    assert policy.check_project_dir(tmp_path / "clone/sub", [(tmp_path / "clone").resolve()])
 
 
 @pytest.mark.parametrize("where", ["/", "/etc", "{tmp}/other", "{tmp}/clone/../other",
@@ -30,14 +31,14 @@ def test_project_dir_outside_the_allowed_roots_is_refused(tmp_path, where):
     (tmp_path / "clone" / "link").symlink_to(tmp_path / "other")   # a symlink out is resolved
     where = where.replace("{tmp}/link", "{tmp}/clone/link").format(tmp=tmp_path)
     with pytest.raises(FerError, match="outside the allowed roots") as err:
-        orch.check_project_dir(where, [tmp_path / "clone"])
-    assert orch.PROJECT_ROOTS_ENV in str(err.value)
+        policy.check_project_dir(where, [tmp_path / "clone"])
+    assert policy.PROJECT_ROOTS_ENV in str(err.value)
 
 
 def test_allowed_roots_are_cwd_project_dir_and_the_allow_list(tmp_path, monkeypatch):
     monkeypatch.setenv("FER_PROJECT_DIR", str(tmp_path / "a"))
-    monkeypatch.setenv(orch.PROJECT_ROOTS_ENV, f"{tmp_path / 'b'}:{tmp_path / 'c'}")
-    roots = orch.allowed_project_roots(cwd=tmp_path / "run")
+    monkeypatch.setenv(policy.PROJECT_ROOTS_ENV, f"{tmp_path / 'b'}:{tmp_path / 'c'}")
+    roots = policy.allowed_project_roots(cwd=tmp_path / "run")
     assert roots == [(tmp_path / n).resolve() for n in ("run", "a", "b", "c")]
 
 
@@ -48,43 +49,43 @@ def test_allowed_roots_are_cwd_project_dir_and_the_allow_list(tmp_path, monkeypa
                                  "hooks.command", "../params"])
 def test_path_and_command_like_overrides_are_refused_by_name(key):
     with pytest.raises(FerError, match="override\\(s\\) refused") as err:
-        orch.check_flow_inputs({key: "/etc/passwd", "train.seed": 1}, None, PROFILES)
+        policy.check_flow_inputs({key: "/etc/passwd", "train.seed": 1}, None, PROFILES)
     assert key in str(err.value) and "train.seed" not in str(err.value)
 
 
 @pytest.mark.parametrize("value", ["/tmp/evil.h5", "https://example.com/w.h5", "~/w.h5"])
 def test_weights_override_only_imagenet_or_null(value):
     with pytest.raises(FerError, match="models.vgg16.weights"):
-        orch.check_flow_inputs({"models.vgg16.weights": value}, None, PROFILES)
-    orch.check_flow_inputs({"models.vgg16.weights": "imagenet",
+        policy.check_flow_inputs({"models.vgg16.weights": value}, None, PROFILES)
+    policy.check_flow_inputs({"models.vgg16.weights": "imagenet",
                             "models.resnet50.weights": None}, None, PROFILES)
 
 
 def test_a_nested_value_cannot_hide_a_refused_key():
     with pytest.raises(FerError, match="data.raw_dir"):
-        orch.check_flow_inputs({"data": {"raw_dir": "/srv", "max_per_class": 5}}, None, PROFILES)
+        policy.check_flow_inputs({"data": {"raw_dir": "/srv", "max_per_class": 5}}, None, PROFILES)
     with pytest.raises(FerError, match="models.vgg16.weights"):
-        orch.check_flow_inputs({"models.vgg16": {"epochs": 1, "weights": "/x.h5"}}, None,
+        policy.check_flow_inputs({"models.vgg16": {"epochs": 1, "weights": "/x.h5"}}, None,
                                PROFILES)
 
 
 def test_ordinary_overrides_and_profiles_pass():
-    orch.check_flow_inputs({"train.seed": 7, "models.custom_cnn.epochs": 1,
+    policy.check_flow_inputs({"train.seed": 7, "models.custom_cnn.epochs": 1,
                             "data.max_per_class": 10, "evaluate.tta": "none"}, "quick", PROFILES)
-    orch.check_flow_inputs(None, None, PROFILES)
+    policy.check_flow_inputs(None, None, PROFILES)
 
 
 @pytest.mark.parametrize("profile", ["../params", "/etc/passwd", "quick.yaml", "profiles/quick",
                                      "nope"])
 def test_profile_must_be_a_name_of_profiles_yaml(profile):
     with pytest.raises(FerError, match="profile .* refused") as err:
-        orch.check_flow_inputs(None, profile, PROFILES)
+        policy.check_flow_inputs(None, profile, PROFILES)
     assert "quick" in str(err.value)
 
 
 def test_overrides_must_be_a_mapping():
     with pytest.raises(FerError, match="mapping"):
-        orch.check_flow_inputs(["data.raw_dir=/x"], None, PROFILES)  # type: ignore[arg-type]
+        policy.check_flow_inputs(["data.raw_dir=/x"], None, PROFILES)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("arch", ["vgg16", "resnet50"])
@@ -216,9 +217,9 @@ def test_a_deployment_run_refuses_an_mlflow_store_inside_its_clone(tmp_path, mon
                     ("http://127.0.0.1:5000", True)):
         (clone / "params.yaml").write_text(yaml.safe_dump(tiny_params(mlflow_uri=uri)))
         if ok:
-            orch.check_store_outlives(clone)
+            check_store_outlives(clone)
         else:
             with pytest.raises(FerError, match="inside this run's clone.*MLFLOW_TRACKING_URI"):
-                orch.check_store_outlives(clone)
+                check_store_outlives(clone)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.team:5000")
-    orch.check_store_outlives(clone)   # the worker's environment wins over params.yaml
+    check_store_outlives(clone)   # the worker's environment wins over params.yaml

@@ -29,6 +29,7 @@ from fer_pipeline.runner.project import (
     dvc,
     gpu_stages,
     holds_gpu,
+    remote_urls,
     stage_groups,
     stage_is_current,
     upstream,
@@ -89,7 +90,7 @@ def open_run(checkout: str | Path, run_id: str, overrides: dict[str, Any], *,
     apply_overrides(copy, overrides)
     for key, (old, new) in changed.items():
         log(f"param {key}: {old!r} -> {new!r}")
-    if pull and dvc("remote", "list", cwd=copy).stdout.strip():
+    if pull and remote_urls(copy):
         res = dvc("pull", "--allow-missing", cwd=copy, check=False)
         if res.returncode != 0:
             raise FerError("`dvc pull` of the data and up-to-date outputs failed: "
@@ -98,7 +99,9 @@ def open_run(checkout: str | Path, run_id: str, overrides: dict[str, Any], *,
                            "`dvc remote list`; a copy elsewhere: `dvc remote modify --local "
                            "fer2013 url /path/to/dvc-remote`)")
         log("pulled the data and up-to-date outputs from the DVC remotes")
-    return Run(checkout, copy, run_id, changed, models, wanted, gpu_stages(copy))
+    run = Run(checkout, copy, run_id, changed, models, wanted, gpu_stages(copy))
+    init_tracking_store(copy, run.env())
+    return run
 
 
 def plan(run: Run) -> list[Step]:
@@ -112,12 +115,6 @@ def plan(run: Run) -> list[Step]:
         if items:
             steps.append(Step(items, parallel=holds_gpu(items[0], run.gpu)))
     return steps
-
-
-def before_parallel(run: Run) -> None:
-    """Once before items start at once: an embedded MLflow store and its experiment created
-    (two processes creating the same tables race and one fails)."""
-    init_tracking_store(run.copy, run.env())
 
 
 def run_serial(run: Run, stage: str, log: Log = print) -> dict[str, Any]:

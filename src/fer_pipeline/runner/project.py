@@ -42,6 +42,15 @@ def git(*args: str, cwd: str | Path, check: bool = True) -> str:
     return res.stdout
 
 
+def remote_urls(root: str | Path) -> dict[str, str]:
+    """{remote name: URL} as DVC resolves them (a local path absolute). Read through DVC's API:
+    `dvc remote list` wraps long lines at 80 columns."""
+    from dvc.repo import Repo
+
+    with Repo(str(Path(root).resolve())) as repo:
+        return {name: str(conf.get("url", "")) for name, conf in repo.config["remote"].items()}
+
+
 def stage_groups(root: str | Path) -> list[list[str]]:
     """Stages in dvc.yaml order; a foreach stage is one group of items that may run in parallel.
 

@@ -122,14 +122,21 @@ _INIT_TRACKING = (
 
 
 def init_tracking_store(root: str | Path, env: dict[str, str]) -> None:
-    """Create an embedded (sqlite) MLflow store and the experiment once, before parallel
-    stages start: two processes creating the same tables/experiment race and one fails."""
+    """Create an embedded (sqlite) MLflow store and the experiment once, before stages start:
+    two processes creating the same tables/experiment race and one fails. Runs at once (two
+    `fer run`s, parallel trainings) take turns here through a lock file beside the store."""
+    import fcntl
+
     uri = env.get("MLFLOW_TRACKING_URI") or ""
-    if not uri.startswith("sqlite:"):
+    if not uri.startswith("sqlite:///"):
         return
+    db = Path(uri[len("sqlite:///"):])
     experiment = load_params(root).mlflow.experiment
-    subprocess.run([sys.executable, "-c", _INIT_TRACKING, uri, experiment], env=env,
-                   capture_output=True, text=True, timeout=600)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.init.lock", "w") as lock_fh:
+        fcntl.flock(lock_fh, fcntl.LOCK_EX)
+        subprocess.run([sys.executable, "-c", _INIT_TRACKING, uri, experiment], env=env,
+                       capture_output=True, text=True, timeout=600)
 
 
 def run_stage(stage: str, cwd: str | Path, env: dict[str, str] | None = None,

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from fer_pipeline.io import write_text
-from fer_pipeline.runner.project import dvc, git, stage_paths
+from fer_pipeline.runner.project import dvc, git, remote_urls, stage_paths
 from fer_pipeline.runner.stage import StageFailed, classify
 
 WORKSPACE_ENV = "FER_WORKSPACE_DIR"
@@ -116,12 +116,9 @@ def run_copy(root: str | Path, run_id: str) -> Path:
             dst.unlink()
     cache = Path(root, dvc("cache", "dir", cwd=root).stdout.strip()).resolve()
     dvc("cache", "dir", "--local", str(cache), cwd=ws)
-    for line in dvc("remote", "list", cwd=root).stdout.splitlines():
-        name, _, url = line.partition(" ")
-        url = url.strip().split()[0] if url.strip() else ""
-        if url and "://" not in url:   # a local remote: relative paths would move with the copy
-            dvc("remote", "modify", "--local", name, "url", str(Path(root, ".dvc", url).resolve()),
-                cwd=ws)
+    for name, url in remote_urls(root).items():
+        if "://" not in url:   # a local remote: a relative path would move with the copy
+            dvc("remote", "modify", "--local", name, "url", url, cwd=ws)
     dvc("checkout", "--allow-missing", cwd=ws, check=False)   # what the shared cache has
     return ws
 

@@ -1,4 +1,4 @@
-"""Fast checks of the orchestration helpers: failure classes, retries, overrides."""
+"""Fast checks of the run engine's parts: failure classes, retries, overrides, the plan."""
 
 from __future__ import annotations
 
@@ -9,25 +9,26 @@ import subprocess
 import pytest
 from prefect import flow
 
-from fer_pipeline import orchestrate as orch
 from fer_pipeline.errors import ERROR_FILE_ENV, FerError, ParamsError, TransientError
+from fer_pipeline.runner import engine, overrides, project
+from fer_pipeline.runner.stage import StageFailed, StageResult, TransientStageError, classify
 from fer_pipeline.sandbox import ROOT
 from flows import pipeline
 
 
 def test_classify_by_the_type_fer_reported_not_by_text():
     down = ["fer train: error: MLflow tracking server http://x:5000 is unreachable"]
-    exc = orch.classify("train@a", 75, down, {"type": "TrackingUnavailable", "transient": True})
-    assert isinstance(exc, orch.TransientStageError) and isinstance(exc, TransientError)
+    exc = classify("train@a", 75, down, {"type": "TrackingUnavailable", "transient": True})
+    assert isinstance(exc, TransientStageError) and isinstance(exc, TransientError)
     real = ["noise", "fer validate: error: data checks failed (pipeline stopped):",
             "  - unknown class folder train/Sad/", "ERROR: failed to reproduce 'validate'"]
-    exc = orch.classify("validate", 1, real, {"type": "DataChecksFailed", "transient": False})
-    assert type(exc) is orch.StageFailed and isinstance(exc, FerError)
+    exc = classify("validate", 1, real, {"type": "DataChecksFailed", "transient": False})
+    assert type(exc) is StageFailed and isinstance(exc, FerError)
     assert "train/Sad/" in str(exc) and "noise" not in str(exc)
     # Text that merely looks transient is not: only fer's report or DVC's busy lock count.
-    assert type(orch.classify("x", 1, ["Connection refused"], None)) is orch.StageFailed
+    assert type(classify("x", 1, ["Connection refused"], None)) is StageFailed
     busy = ["ERROR: Unable to acquire lock. Most likely another DVC process is running"]
-    assert isinstance(orch.classify("x", 1, busy, None), orch.TransientStageError)
+    assert isinstance(classify("x", 1, busy, None), TransientStageError)
 
 
 def test_fer_reports_its_error_type_to_the_runner(tmp_path):
@@ -49,17 +50,18 @@ def test_only_transient_failures_are_retried(monkeypatch, prefect_harness):
     def flaky(stage, cwd, env=None, log=print, force=False):
         calls.append(stage)
         if stage == "down" and len(calls) == 1:
-            raise orch.TransientStageError(stage, 1, ["Connection refused"])
+            raise TransientStageError(stage, 1, ["Connection refused"])
         if stage == "bad":
-            raise orch.StageFailed(stage, 1, ["fer validate: error: data checks failed"])
-        return orch.StageResult(stage, "ran", 0.0)
+            raise StageFailed(stage, 1, ["fer validate: error: data checks failed"])
+        return StageResult(stage, "ran", 0.0)
 
-    monkeypatch.setattr(orch, "run_stage", flaky)
+    monkeypatch.setattr(engine, "run_stage", flaky)
     task = pipeline.dvc_stage.with_options(retries=2, retry_delay_seconds=0)
+    run = engine.Run(ROOT, ROOT, "rid", {})
 
     @flow
     def one(stage: str):
-        return task(stage, ".", "rid", ".")
+        return task(stage, run)
 
     assert one("down")["status"] == "ran" and calls == ["down", "down"]
     calls.clear()
@@ -72,23 +74,23 @@ def test_overrides_keep_comments(tmp_path):
     (tmp_path / "params.yaml").write_text(
         "# top comment\ndata:\n  max_per_class: null  # cap\nmodels:\n  a: {epochs: 10}\n"
         "  b:\n    epochs: 10\n")
-    ovr = orch.build_overrides({"split.seed": 7}, epochs=1, max_per_class=50, root=tmp_path)
+    ovr = overrides.build_overrides({"split.seed": 7}, epochs=1, max_per_class=50, root=tmp_path)
     assert ovr == {"data.max_per_class": 50, "models.a.epochs": 1, "models.b.epochs": 1,
                    "split.seed": 7}
-    changed = orch.apply_overrides(tmp_path, ovr)
+    changed = overrides.apply_overrides(tmp_path, ovr)
     assert changed["data.max_per_class"] == [None, 50]
     text = (tmp_path / "params.yaml").read_text()
     assert "# top comment" in text and "# cap" in text
-    assert orch.apply_overrides(tmp_path, ovr) == {}
+    assert overrides.apply_overrides(tmp_path, ovr) == {}
 
 
 def test_a_misspelt_override_fails_before_anything_runs(tmp_path):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     before = (tmp_path / "params.yaml").read_text()
     with pytest.raises(ParamsError, match=r"models\.fernt \(did you mean models\.fernet\?\)"):
-        orch.apply_overrides(tmp_path, {"models.fernt.epochs": 1})
+        overrides.apply_overrides(tmp_path, {"models.fernt.epochs": 1})
     with pytest.raises(ParamsError, match="models.fernet.epochs must be int"):
-        orch.apply_overrides(tmp_path, {"models.fernet.epochs": "one"})
+        overrides.apply_overrides(tmp_path, {"models.fernet.epochs": "one"})
     assert (tmp_path / "params.yaml").read_text() == before
 
 
@@ -106,11 +108,38 @@ def test_the_flow_rejects_a_misspelt_override_naming_the_key(tmp_path, prefect_h
 
 
 def test_stage_groups_follow_dvc_yaml():
-    groups = orch.stage_groups(ROOT)
+    groups = project.stage_groups(ROOT)
     flat = [s for g in groups for s in g]
     assert flat[:3] == ["validate", "clean", "split"]
     train = next(g for g in groups if g[0].startswith("train@"))
-    assert {s.split("@")[1] for s in train} == set(orch.model_names(ROOT))
+    assert {s.split("@")[1] for s in train} == set(overrides.model_names(ROOT))
+
+
+def test_gpu_stages_come_from_the_pipelines_own_metadata(tmp_path):
+    assert project.gpu_stages(ROOT) == {"train"}          # dvc.yaml: train's `meta: {gpu: true}`
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  prep: {cmd: echo, meta: {gpu: true}}\n  fit:\n    foreach: [a, b]\n"
+        "    do:\n      cmd: echo ${item}\n      meta: {gpu: false}\n  score: {cmd: echo}\n")
+    assert project.gpu_stages(tmp_path) == {"prep"}
+    assert project.holds_gpu("prep", {"prep"}) and not project.holds_gpu("fit@a", {"prep"})
+
+
+def test_the_plan_follows_dvc_yaml_models_and_targets():
+    names = overrides.model_names(ROOT)
+    run = engine.Run(ROOT, ROOT, "rid", {}, gpu=project.gpu_stages(ROOT))
+    steps = engine.plan(run)
+    assert [s.stages for s in steps][:3] == [["validate"], ["clean"], ["split"]]
+    train = next(s for s in steps if s.stages[0].startswith("train@"))
+    assert train.parallel and len(train.stages) == len(names)
+    assert not any(s.parallel for s in steps if s is not train)
+    run.models = [names[0]]
+    assert next(s for s in engine.plan(run) if s.parallel).stages == [f"train@{names[0]}"]
+    # Targets: what `dvc repro <target>` would consider, in dvc.yaml order.
+    run.models, run.targets = None, project.upstream(ROOT, [f"train@{names[0]}"])
+    assert [s.stages for s in engine.plan(run)] == [
+        ["validate"], ["clean"], ["split"], [f"teach@{names[0]}"], [f"train@{names[0]}"]]
+    with pytest.raises(FerError, match="unknown stage 'trian'"):
+        project.upstream(ROOT, ["trian"])
 
 
 @pytest.fixture(scope="module")
