@@ -135,8 +135,10 @@ def init_tracking_store(root: str | Path, env: dict[str, str]) -> None:
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{db}.init.lock", "w") as lock_fh:
         fcntl.flock(lock_fh, fcntl.LOCK_EX)
+        # From the store's folder: MLflow puts a new experiment's artifacts in ./mlruns of the
+        # creating process, which must outlive the run (not a run copy, not the checkout).
         subprocess.run([sys.executable, "-c", _INIT_TRACKING, uri, experiment], env=env,
-                       capture_output=True, text=True, timeout=600)
+                       cwd=db.parent, capture_output=True, text=True, timeout=600)
 
 
 def run_stage(stage: str, cwd: str | Path, env: dict[str, str] | None = None,
