@@ -133,8 +133,9 @@ def test_a_stage_job_is_data_and_every_field_is_checked(monkeypatch):
     job = StageJob.from_params(GOOD_JOB)
     assert job.attempt == 1 and StageJob.from_params(job.to_params()) == job
     bad = {
-        "stage": [("validate", "only train@"), ("train@x; rm -rf /", "only train@"),
-                  ("train@../x", "only train@")],
+        "stage": [("validate", "only items of a gpu stage"),
+                  ("train@x; rm -rf /", "only items of a gpu stage"),
+                  ("train@../x", "only items of a gpu stage")],
         "commit": [("main", "40-hex"), ("a" * 39, "40-hex")],
         "repository": [("/srv/git/fer.git", "is a path, not a URL"),
                        ("file:///srv/git/fer.git", "is a path"),

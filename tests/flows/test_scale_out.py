@@ -240,10 +240,11 @@ def test_a_run_spreads_over_machines_that_share_only_git_s3_postgres_and_prefect
             res = subprocess.run(cmd, cwd=mate, env=env_mate, capture_output=True, text=True)
             assert res.returncode == 0, (cmd, res.stdout, res.stderr)
         status = json.loads(res.stdout or "{}")
-        # Known gap (open in issue 36): evaluate's folder dep `models` hashes DVC's per-output
-        # .gitignore files, which `dvc exp apply` does not bring back; every stage up to the
-        # trainings is up to date.
-        assert set(status) <= {"evaluate"}, res.stdout
+        listing = subprocess.run(["find", "models", "-type", "f"], cwd=mate, capture_output=True,
+                                 text=True).stdout
+        in_exp = sh("git", "ls-tree", "-r", "--name-only", "HEAD", "models", cwd=mate)
+        assert status == {}, (res.stdout, listing, in_exp,
+                              sh("git", "status", "--porcelain", cwd=mate))
         assert (mate / "models" / "custom_cnn" / "model.keras").is_file()
         for kid in sorted(kids, key=lambda k: k.start_time):
             who = jobs.get(f"train-{kid.name.split('@')[1].split()[0]}")

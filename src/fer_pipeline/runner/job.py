@@ -5,7 +5,8 @@ is checked on arrival (a flow parameter comes from whoever reaches the Prefect A
 - repository: a git URL the worker is allowed to clone (FER_GIT_REPOSITORY on the worker, or
   one of FER_ALLOWED_REPOSITORIES), never a folder of the parent's machine;
 - commit: the exact commit the parent runs (a branch moved since does not matter);
-- stage: a `train@<model>` item; overrides: dotted params, under the flow-input policy;
+- stage: an item of a gpu stage (`train@<model>`: dvc.yaml `meta: {gpu: true}`, checked by
+  the worker in the commit's dvc.yaml); overrides: dotted params, under the flow-input policy;
 - run_id: the pipeline run id (MLflow tag, the exchange folder on the remote);
 - locks: the dvc.lock entries of the stages whose outputs this stage reads, so the worker
   pulls exactly those files by hash;
@@ -25,7 +26,7 @@ from fer_pipeline.errors import FerError
 REPOSITORY_ENV = "FER_GIT_REPOSITORY"
 ALLOWED_REPOSITORIES_ENV = "FER_ALLOWED_REPOSITORIES"   # whitespace-separated extra URLs
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-_STAGE = re.compile(r"train@[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_STAGE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*@[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,80}")
 _LOCK_STAGE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]*")
 
@@ -65,8 +66,8 @@ class StageJob:
         if not isinstance(self.commit, str) or not _COMMIT.fullmatch(self.commit):
             raise FerError(f"stage job: commit {self.commit!r} is not a full 40-hex commit id")
         if not isinstance(self.stage, str) or not _STAGE.fullmatch(self.stage):
-            raise FerError(f"stage job: stage {self.stage!r} refused: only train@<model> items "
-                           f"run on workers")
+            raise FerError(f"stage job: stage {self.stage!r} refused: only items of a gpu stage "
+                           f"(<stage>@<item>) run on workers")
         if not isinstance(self.run_id, str) or not _RUN_ID.fullmatch(self.run_id):
             raise FerError(f"stage job: run_id {self.run_id!r} is not a run id")
         if not isinstance(self.attempt, int) or not 1 <= self.attempt <= 100:

@@ -35,7 +35,14 @@ from fer_pipeline.errors import FerError, TransientError
 from fer_pipeline.runner.exchange import RunStore, StateSync
 from fer_pipeline.runner.job import StageJob
 from fer_pipeline.runner.overrides import apply_overrides
-from fer_pipeline.runner.project import dvc, git, merge_lock, stage_paths
+from fer_pipeline.runner.project import (
+    dvc,
+    git,
+    gpu_stages,
+    holds_gpu,
+    merge_lock,
+    stage_paths,
+)
 from fer_pipeline.runner.stage import check_store_outlives, run_stage, stage_env
 
 ROOT_ENV = "FER_WORKER_ROOT"
@@ -153,6 +160,9 @@ def execute(job: StageJob, root: Path | None = None,
     clock = _Clock()
     work = checkout(job, root, log)
     check_environment(work, job)
+    if not holds_gpu(job.stage, gpu_stages(work)):
+        raise FerError(f"stage job: {job.stage} is not an item of a gpu stage in the dvc.yaml of "
+                       f"commit {job.commit[:12]} (`meta: {{gpu: true}}`): it runs in the parent")
     configure_dvc(work, root)
     apply_overrides(work, job.overrides, validate=False)
     merge_lock(work, job.locks)
