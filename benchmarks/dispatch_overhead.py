@@ -195,8 +195,8 @@ def main() -> int:
     table += [f"| {k} | " + " | ".join(f"{r[k]:.2f}" for r in rows) + f" | {med[k]:.2f} |"
               for k in keys]
     text = (f"\n## {time.strftime('%Y-%m-%d %H:%M')}: dispatch overhead of one stage job "
-            f"(tiny data)\n\n`PYTHONPATH=tests .venv/bin/python benchmarks/dispatch_overhead.py "
-            f"--repeat {args.repeat}` on {machine}; git daemon + moto S3 on 127.0.0.1; one "
+            f"({'real data' if args.project else 'tiny data'})\n\n`{_command(args)}` on "
+            f"{machine}; git daemon + moto S3 on 127.0.0.1; one "
             f"1-epoch tiny CNN, float32. Seconds; `stage` is the training itself (dvc repro), "
             f"overhead = everything else (parent push + clone + pull + push + result + "
             f"parent collect). Run 1 has a cold mirror and DVC cache.\n\n" + "\n".join(table) + "\n")
@@ -217,6 +217,14 @@ def main() -> int:
         with RESULTS.open("a") as fh:
             fh.write(text)
     return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    """This run's command line as a reader reruns it (no path of this machine)."""
+    argv = sys.argv[1:]
+    if args.raw_remote:
+        argv = [("<fer2013 dvc-remote>" if a == args.raw_remote else a) for a in argv]
+    return "PYTHONPATH=tests .venv/bin/python benchmarks/dispatch_overhead.py " + " ".join(argv)
 
 
 def _epochs(result: dict) -> int | None:
