@@ -93,6 +93,14 @@ def collect(ws: str | Path, stage: str, result: dict[str, Any],
     if res.returncode != 0:
         raise TransientError(f"dvc pull of {stage}'s outputs failed: "
                              f"{(res.stdout + res.stderr).strip()[-1500:]}")
+    # `dvc commit` re-hashes what is now here (the same hashes) and writes DVC's .gitignore
+    # entries for the outputs, as a local `dvc repro` does: `dvc pull` does not, and the
+    # evaluate stage's `models` folder dep hashes them, so without them the run's experiment
+    # and a teammate's checkout of it would disagree about evaluate.
+    res = dvc("commit", "--force", "-q", stage, cwd=ws, check=False)
+    if res.returncode != 0:
+        raise FerError(f"dvc commit of {stage}'s pulled outputs failed: "
+                       f"{(res.stdout + res.stderr).strip()[-1500:]}")
     status = dvc("status", "--json", stage, cwd=ws, check=False)
     changes = json.loads(status.stdout or "{}") if status.returncode == 0 else {"error": status.stderr}
     if changes:
