@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 PROFILE ?= quick
 
-.PHONY: help setup setup-gpu data run study test serve lint clean-outputs
+.PHONY: help setup setup-gpu data run study test test-all serve lint clean-outputs
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -26,7 +26,10 @@ run: setup  ## set up and run the whole pipeline with the quick profile (2-core 
 study: setup  ## the original study's full recipe (params.yaml defaults; a GPU job)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro --pull
 
-test: setup  ## the test suite (real DVC, GX, MLflow and Prefect servers; tiny synthetic data)
+test: setup  ## the fast tier: every module on tiny synthetic data, no whole pipelines (about 3 min)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m "not slow"
+
+test-all: setup  ## everything (CI): + whole pipelines, Prefect/PostgreSQL/S3/git servers, a browser (about 26 min)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
 
 serve: setup  ## fer serve: HTTP + web page on http://127.0.0.1:8000/ (the champion, else the bundled release)

@@ -5,10 +5,13 @@ import shutil
 import subprocess
 
 import numpy as np
+import pytest
 import yaml
 
 from fer_pipeline.arrays import load_split
 from fer_pipeline.sandbox import make_project, sh
+
+pytestmark = pytest.mark.slow   # `dvc repro` of the pipeline
 
 
 def test_dvc_repro_data_stages_then_nothing_then_only_split(tmp_path):

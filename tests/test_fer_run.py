@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
 import yaml
 
 from fer_pipeline.sandbox import make_project, sh
+
+pytestmark = pytest.mark.slow   # whole pipelines through `fer run`
 
 
 def _tracked_state(repo):

@@ -18,6 +18,7 @@ def _client():
     return MlflowClient()
 
 
+@pytest.mark.slow
 def test_evaluate_reports_mlflow_and_registry_lifecycle(eval_params, run_evaluate, trained_project, capsys):
     root, infos = trained_project
     params = eval_params(root, ["small", "big"], "fer-emotion-life")
@@ -180,6 +181,7 @@ def test_cli_user_error_is_one_line_but_a_bug_shows_its_traceback(eval_params, t
         main(["--params", str(params), "evaluate", "--model", "small", "--no-register"])
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 def test_mlflow_models_serve_the_champion(eval_params, run_evaluate, trained_project, tmp_path):
     """`mlflow models serve` of models:/<name>@champion answers the documented request."""

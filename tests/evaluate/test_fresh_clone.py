@@ -8,9 +8,12 @@ import json
 import os
 import subprocess
 
+import pytest
 import yaml
 
 from fer_pipeline.sandbox import make_project, sh
+
+pytestmark = pytest.mark.slow   # whole pipelines in fresh clones
 
 
 def _env():

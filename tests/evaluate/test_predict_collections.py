@@ -140,6 +140,7 @@ def test_the_faces_of_a_batch_go_to_the_model_in_one_call(tmp_path):
     assert model.calls == [3, 3]      # chunks of 4 files: 3 faces, 3 faces, none (no call)
 
 
+@pytest.mark.slow
 def test_stdout_is_only_json_with_an_mlflow_model(tmp_path):
     """An MLflow (pyfunc) model prints Keras' progress bar on predict: it must not reach stdout
     (`fer predict photo.jpg | python -m json.tool`)."""

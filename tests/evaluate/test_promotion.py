@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from fer_pipeline.cli import main
 
 
@@ -15,6 +17,7 @@ def _client():
     return MlflowClient()
 
 
+@pytest.mark.slow
 def test_not_asked_runs_and_stale_models_never_take_the_alias(eval_params, run_evaluate,
                                                              trained_project):
     root, _ = trained_project
@@ -59,6 +62,7 @@ def test_a_champion_validated_on_other_data_is_rescored_first(eval_params, run_e
     assert f"{before['rescored_val_accuracy']:.4f}" in res.registry["reason"]
 
 
+@pytest.mark.slow
 def test_two_evaluates_at_once_register_once_and_agree(eval_params, trained_project,
                                                        eval_mlflow_server):
     root, _ = trained_project

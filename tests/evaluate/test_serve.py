@@ -126,6 +126,7 @@ def test_it_binds_to_localhost_by_default(server):
 
 @pytest.mark.skipif(not shutil.which("chromium") or not shutil.which("chromedriver"),
                     reason="needs Debian's chromium + chromium-driver (.ci/run installs them)")
+@pytest.mark.slow
 def test_the_web_page_in_a_real_browser(server, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

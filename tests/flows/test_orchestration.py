@@ -27,6 +27,8 @@ from prefect_runs import finish_runs
 
 BIN = Path(sys.executable).parent
 
+pytestmark = pytest.mark.slow   # a Prefect server and worker, whole pipelines
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _project_tracking_store():

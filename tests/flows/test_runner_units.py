@@ -44,6 +44,7 @@ def test_fer_reports_its_error_type_to_the_runner(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_only_transient_failures_are_retried(monkeypatch, prefect_harness):
     calls = []
 
@@ -94,6 +95,7 @@ def test_a_misspelt_override_fails_before_anything_runs(tmp_path):
     assert (tmp_path / "params.yaml").read_text() == before
 
 
+@pytest.mark.slow
 def test_the_flow_rejects_a_misspelt_override_naming_the_key(tmp_path, prefect_harness):
     from fer_pipeline.sandbox import make_project
 
@@ -148,3 +150,47 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+def test_a_run_copy_holds_the_checkouts_edits_and_absolute_remotes(tmp_path, monkeypatch):
+    """workspace.run_copy: HEAD plus uncommitted edits and new files, the checkout's DVC cache,
+    local remotes made absolute (read through DVC's API: `dvc remote list` wraps long paths at
+    80 columns, which once lost a remote); the experiment saved from it holds the run's new
+    files; the checkout is never written."""
+    from fer_pipeline.runner import experiment, workspace
+    from fer_pipeline.sandbox import sh
+
+    repo = tmp_path / ("a-folder-name-long-enough-to-wrap-" * 3) / "repo"
+    repo.mkdir(parents=True)
+    sh("git", "init", "-q", "-b", "main", cwd=repo)
+    sh("git", "config", "user.email", "t@fer", cwd=repo)
+    sh("git", "config", "user.name", "t", cwd=repo)
+    sh("dvc", "init", "-q", cwd=repo)
+    (repo / "dvc.yaml").write_text("stages:\n  s:\n    cmd: cp in.txt out.txt\n"
+                                   "    deps: [in.txt]\n    outs: [out.txt]\n")
+    (repo / "in.txt").write_text("committed\n")
+    sh("dvc", "remote", "add", "team", "../../team-remote", cwd=repo)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "a one-stage project with a relative local remote", cwd=repo)
+    (repo / "in.txt").write_text("edited, not committed\n")
+    (repo / "notes.md").write_text("new, not committed\n")
+    monkeypatch.setenv(workspace.WORKSPACE_ENV, str(tmp_path / "ws"))
+    before = sh("git", "status", "--porcelain", cwd=repo)
+
+    copy = workspace.run_copy(repo, "run-1")
+    assert copy.is_relative_to(tmp_path / "ws")
+    assert (copy / "in.txt").read_text() == "edited, not committed\n"
+    assert (copy / "notes.md").is_file()
+    assert project.remote_urls(copy)["team"] == str((repo / "../../team-remote").resolve())
+    assert workspace.run_copy(repo, "run-1") == copy             # a retry takes it over
+    sh("dvc", "repro", "-q", cwd=copy)
+    (copy / "made-by-the-run.json").write_text("{}")
+    assert experiment.save_experiment(copy, "exp-1") == "exp-1"
+    ref = next(r for r in sh("git", "for-each-ref", "--format=%(refname)", "refs/exps",
+                             cwd=repo).split() if r.endswith("/exp-1"))
+    assert sh("git", "show", f"{ref}:made-by-the-run.json", cwd=repo) == "{}"
+    assert "out.txt" in sh("git", "show", f"{ref}:dvc.lock", cwd=repo)
+    workspace.remove_run_copy(repo, copy)
+    assert not copy.exists()
+    assert sh("git", "status", "--porcelain", cwd=repo) == before
+    assert not (repo / "out.txt").exists() and not (repo / "dvc.lock").exists()

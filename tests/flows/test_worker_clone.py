@@ -40,6 +40,8 @@ from prefect_runs import finish_runs
 BIN = Path(sys.executable).parent
 MARKER = "fer-pipeline code loaded from"
 
+pytestmark = pytest.mark.slow   # a Prefect server, a real worker, a git daemon
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _project_tracking_store():

@@ -145,10 +145,10 @@ def _run(args: argparse.Namespace) -> int:
                        f"drops it") from None
     done = engine.finish(run, experiment=name, ran=[r["stage"] for r in results
                                                     if r["status"] == "ran"], log=print)
-    engine.close(run)
     if not done["experiment"]:
-        raise FerError(f"the run finished but `dvc exp save` failed: its results are in "
-                       f"{run.copy}")
+        raise FerError(f"the run finished but was not recorded: {done['not_saved']}. Its "
+                       f"results stay in the run copy {run.copy}")
+    engine.close(run)
     uri = run.env()["MLFLOW_TRACKING_URI"]
     print(f"\nexperiment {name}: the checkout is unchanged. Compare: `dvc exp show`; its "
           f"reports: `git show $(git for-each-ref --format='%(refname)' refs/exps | grep "

@@ -149,10 +149,14 @@ def finish(run: Run, *, experiment: str | None, ran: list[str], keep: bool = Fal
     is deleted afterwards): outputs and experiment pushed to the remotes; `adopt`: results of
     the stages that ran brought into the checkout when they are its own (no overrides, the
     checkout unchanged since the start). The run copy is removed last."""
-    saved = None
+    saved, not_saved = None, None
     if experiment:
-        saved = save_experiment(run.copy, experiment)
-        log(f"DVC experiment: {saved or 'not saved (see `dvc exp save`)'}")
+        try:
+            saved = save_experiment(run.copy, experiment)
+            log(f"DVC experiment: {saved}")
+        except FerError as exc:
+            not_saved = str(exc)
+            log(f"DVC experiment not saved: {exc}")
     problems = keep_results(run.copy, saved, log=log) if keep else []
     for problem in problems:
         log(f"results not kept: {problem}")
@@ -163,7 +167,8 @@ def finish(run: Run, *, experiment: str | None, ran: list[str], keep: bool = Fal
             f"is unchanged")
     report = run.copy / "reports" / "evaluate" / "comparison.md"
     comparison = report.read_text() if report.is_file() else None
-    return {"experiment": saved, "not_kept": problems, "comparison": comparison}
+    return {"experiment": saved, "not_saved": not_saved, "not_kept": problems,
+            "comparison": comparison}
 
 
 def close(run: Run) -> None:

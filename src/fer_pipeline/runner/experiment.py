@@ -7,11 +7,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from fer_pipeline.errors import FerError
 from fer_pipeline.runner.project import dvc, git
 
 
-def save_experiment(root: str | Path, name: str) -> str | None:
-    """`dvc exp save -n NAME`: the workspace (params, dvc.lock, metrics) as a DVC experiment.
+def save_experiment(root: str | Path, name: str) -> str:
+    """`dvc exp save -n NAME`: the workspace (params, dvc.lock, metrics) as a DVC experiment;
+    a FerError with DVC's reason when it cannot (e.g. an output of a stage the run did not run
+    and no cache holds).
 
     One at a time per git repository: run copies are worktrees of one repository, and two
     `dvc exp save` at once race on its shared experiment refs (seen: one experiment saved
@@ -27,7 +30,8 @@ def save_experiment(root: str | Path, name: str) -> str | None:
         include = [arg for path in new for arg in ("-I", path)]
         res = dvc("exp", "save", "--force", "-n", name, *include, cwd=root, check=False)
     if res.returncode != 0:
-        return None
+        why = " | ".join((res.stdout + res.stderr).strip().splitlines()[-3:])
+        raise FerError(f"`dvc exp save -n {name}` failed in {root}: {why}")
     return name
 
 

@@ -7,7 +7,6 @@ where the resume state lives.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,7 +20,6 @@ from fer_pipeline.train.artifacts import save_model
 
 log = logging.getLogger(__name__)
 
-CRASH_ENV = "FER_TRAIN_CRASH_AFTER_EPOCH"   # tests: hard-exit after this many finished epochs
 
 
 def optimizer(mp: ModelParams, steps_per_epoch: int = 1) -> keras.optimizers.Optimizer:
@@ -171,25 +169,6 @@ class BestKeeper(keras.callbacks.Callback):
         if self.best is None or self.sign * (value - self.best) > 0 or not self.path.exists():
             self.best, self.best_epoch = float(value), epoch
             save_model(self.full, self.path)
-
-
-class CrashAfter(keras.callbacks.Callback):
-    """Simulates a kill (no cleanup) once `n` epochs are finished and backed up."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.n = n
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 >= self.n:
-            log.warning("%s=%d: hard exit after epoch %d", CRASH_ENV, self.n, epoch + 1)
-            os._exit(75)
-
-
-def crash_after_from_env() -> list[keras.callbacks.Callback]:
-    """[CrashAfter(n)] when FER_TRAIN_CRASH_AFTER_EPOCH=n is set (tests), else []."""
-    n = os.environ.get(CRASH_ENV)
-    return [CrashAfter(int(n))] if n else []
 
 
 class EmaSwap:

@@ -115,8 +115,7 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
         keeper = recipe.BestKeeper(built.model, state.best_model, mp.monitor,
                                    prior_best(rows, mp.monitor))
         callbacks = [*recipe.callbacks(mp, logger, keeper),
-                     keras.callbacks.BackupAndRestore(str(state.backup_dir)),
-                     *recipe.crash_after_from_env()]
+                     keras.callbacks.BackupAndRestore(str(state.backup_dir))]
         log.info("training %s (%s, %d trainable params, %s, pretrained=%s, feature cache=%s) "
                  "on %d images, validating on %d", name, mp.arch, n_params, policy,
                  built.pretrained, mp.uses_feature_cache, len(train), len(val))
