@@ -4,18 +4,35 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 PROFILE ?= quick
 
-.PHONY: help setup setup-gpu data run study test test-all serve lint clean-outputs
+.PHONY: help setup setup-unlocked lock setup-gpu data run study test test-all serve lint clean-outputs
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
 
-$(BIN)/fer: pyproject.toml
+# The environment comes from the lock (requirements/linux-py311.txt), installed by uv: the same
+# versions everywhere, in about a minute, with no resolver run. Another platform or Python:
+# `make setup-unlocked` (pip resolves pyproject.toml's ranges).
+LOCK := requirements/linux-py311.txt
+UV_VERSION := 0.13.10
+
+$(BIN)/fer: pyproject.toml $(LOCK)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q uv==$(UV_VERSION)
+	$(BIN)/uv pip sync -q --python $(BIN)/python $(LOCK)
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
+	@touch $@
+
+setup: $(BIN)/fer  ## create .venv from the lock file and install the project (about a minute)
+
+setup-unlocked:  ## .venv resolved by pip from pyproject.toml's ranges (other platforms; minutes)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
-	@touch $@
 
-setup: $(BIN)/fer  ## create .venv and install the project (about 4 minutes)
+lock: setup  ## re-pin requirements/linux-py311.txt after editing pyproject.toml's dependencies
+	$(BIN)/uv pip compile -q pyproject.toml --extra dev --python-version 3.11 \
+		--python-platform x86_64-unknown-linux-gnu --no-header -o $(LOCK).new
+	{ head -3 $(LOCK); cat $(LOCK).new; } > $(LOCK).tmp && mv $(LOCK).tmp $(LOCK) && rm $(LOCK).new
 
 data: setup  ## fetch the raw FER-2013 images from the team's DVC remote
 	$(BIN)/dvc pull data/raw/fer2013.dvc
