@@ -104,7 +104,7 @@ class AugmentParams:
     fill_mode: str = "nearest"     # constant | nearest | reflect | wrap
     contrast: float = 0.0          # max random contrast change, fraction
     random_erasing: float = 0.0    # probability of erasing one random rectangle (2-33% of area)
-    # Photometric robustness (issue: corruption suite); 0 = off, as in the study.
+    # Photometric robustness (the corruptions evaluate measures); 0 = off, as in the study.
     brightness: float = 0.0        # max brightness shift, fraction of the 0..255 range
     blur: float = 0.0              # max Gaussian-blur strength (keras RandomGaussianBlur factor)
     noise: float = 0.0             # max std of additive Gaussian noise, grey levels (0..255),

@@ -1,4 +1,4 @@
-"""Workers get their code from git, bounded waits for workers, and the failure alert (issue 12).
+"""Workers get their code from git, bounded waits for workers, and the failure alert.
 
 A real Prefect server (the test harness), deployments registered by flows/deploy.py from a
 local git repository (a sandbox project holding this checkout's prefect.yaml and flows/), a
