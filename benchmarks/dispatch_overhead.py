@@ -37,8 +37,8 @@ from pathlib import Path
 from fer_pipeline.params import parse_overrides
 from fer_pipeline.runner import dispatch, worker
 from fer_pipeline.runner.overrides import apply_overrides
-from fer_pipeline.sandbox import make_project, sh
 from pool import start_git_daemon
+from sandbox import make_project, sh
 from team_stack import AWS_TEST_ENV, DVC_BUCKET, start_s3
 
 RESULTS = Path(__file__).with_name("results.md")

@@ -1,7 +1,7 @@
 """Screenshot of `fer serve`'s page classifying a photo with the bundled release, as a new user
 sees it on a fresh clone (no tracking store: the release answers).
 
-    python benchmarks/page_screenshot.py [--out docs/images/fer-serve-page.png] [--photo P]
+    PYTHONPATH=tests python benchmarks/page_screenshot.py [--out docs/images/fer-serve-page.png] [--photo P]
 
 Needs Debian's chromium + chromium-driver (as the browser test). The default photo puts the two
 test faces (happy, surprise) side by side, upscaled, on a plain background.
@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 
 from fer_pipeline.release import find_release
-from fer_pipeline.sandbox import free_port
+from sandbox import free_port
 
 
 def two_faces(path: Path) -> Path:

@@ -2,7 +2,7 @@
 answer, then POST /predict latency p50/p95 at 1 and 8 concurrent clients and requests/s; beside
 the `fer` PyPI package (justinshenk/fer) on the same photo when it is importable.
 
-    python benchmarks/serve_latency.py --model release/model.onnx --model release/model.keras
+    PYTHONPATH=tests python benchmarks/serve_latency.py --model release/model.onnx --model release/model.keras
         [--photo P] [--requests 40]
         [--fer-package-path DIR]   # a `pip install --no-deps --target DIR fer` (optional)
 
@@ -26,7 +26,7 @@ import cv2
 import httpx
 import numpy as np
 
-from fer_pipeline.sandbox import free_port
+from sandbox import free_port
 
 FER = [sys.executable, "-m", "fer_pipeline.cli"]
 

@@ -1,7 +1,7 @@
 """Shared fixtures. Real services only: tests start their own MLflow/Prefect servers.
 
 The one MLflow-server fixture (`mlflow_server`) and the one params builder
-(`fer_pipeline.sandbox.tiny_params`, through `params_file`) live here for every test package.
+(`tests/sandbox.py`: `tiny_params`, through `params_file`) live here for every test package.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fer_pipeline.sandbox import free_port, tiny_params
 from fer_pipeline.synthetic import make_raw_tree
+from sandbox import free_port, tiny_params
 
 # Subprocesses (dvc stages call `fer`) must find this venv's console scripts.
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fer_pipeline.sandbox import free_port
+from sandbox import free_port
 from team_stack import Server, _spawn, _wait_http, stop_pid
 
 BIN = Path(sys.executable).parent

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fer_pipeline.sandbox import free_port
+from sandbox import free_port
 
 HOST = "127.0.0.1"
 PG_USER = "fer"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fer_pipeline.sandbox import make_project
+from sandbox import make_project
 
 # Read by the code but deliberately not deps: they change where results are sent or how much
 # is logged, never an output (dvc.yaml's header says so).

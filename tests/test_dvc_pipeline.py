@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from fer_pipeline.arrays import load_split
-from fer_pipeline.sandbox import make_project, sh
+from sandbox import make_project, sh
 
 pytestmark = pytest.mark.slow   # `dvc repro` of the pipeline
 

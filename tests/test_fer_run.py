@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import yaml
 
-from fer_pipeline.sandbox import make_project, sh
+from sandbox import make_project, sh
 
 pytestmark = pytest.mark.slow   # whole pipelines through `fer run`
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from fer_pipeline.sandbox import ROOT
+from sandbox import ROOT
 
 PKG = ROOT / "src" / "fer_pipeline"
 # Base modules: errors, params, shared helpers. They import nothing but each other.
 BASE = {"errors", "params", "io", "arrays", "tracking", "keras_mlflow", "plots", "champion",
-        "synthetic", "sandbox", "profiles", "tta", "release", "calibration",
+        "synthetic", "profiles", "tta", "release", "calibration",
         "corruptions", "backend", "soft_labels"}
 STAGES = {"data", "teach", "train", "evaluate", "predict", "export"}   # each: base + its own only
 RUNNER = {"runner"}                      # base + each other (they shell out to `dvc`, git)

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from fer_pipeline.sandbox import ROOT
+from sandbox import ROOT
 
 
 def test_no_tracked_file_holds_this_checkouts_path():

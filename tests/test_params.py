@@ -11,7 +11,7 @@ import yaml
 from fer_pipeline import params as P
 from fer_pipeline.cli import main
 from fer_pipeline.profiles import load_profile
-from fer_pipeline.sandbox import ROOT
+from sandbox import ROOT
 
 RAW = P.load_raw(ROOT / "params.yaml")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fer_pipeline.sandbox import ROOT, make_project
+from sandbox import ROOT, make_project
 from team_stack import DVC_BUCKET, PostgresMissing, TeamStack, pg_bindir, s3_client, team_stack
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ from fer_pipeline import params as P
 from fer_pipeline.arrays import SplitArrays, save_split
 from fer_pipeline.evaluate.stage import EvaluationResult, evaluate_models
 from fer_pipeline.io import md5_file
-from fer_pipeline.sandbox import ROOT, tiny_params
+from sandbox import ROOT, tiny_params
 
 FIXTURES = ROOT / "tests" / "fixtures"
 CLASSES = ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]

@@ -16,7 +16,7 @@ import yaml
 from fer_pipeline.calibration import apply_temperature
 from fer_pipeline.cli import main
 from fer_pipeline.io import md5_file
-from fer_pipeline.sandbox import free_port
+from sandbox import free_port
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from faces import rolled_face
 from fer_pipeline import params as P
-from fer_pipeline.sandbox import free_port
+from sandbox import free_port
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CLASSES = P.Params().data.classes

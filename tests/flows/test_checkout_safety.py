@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fer_pipeline.sandbox import ROOT, make_project, sh
+from sandbox import ROOT, make_project, sh
 
 
 @pytest.fixture(scope="module")

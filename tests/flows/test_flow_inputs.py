@@ -11,7 +11,7 @@ import pytest
 from fer_pipeline.errors import FerError
 from fer_pipeline.runner import policy
 from fer_pipeline.runner.stage import check_store_outlives
-from fer_pipeline.sandbox import ROOT
+from sandbox import ROOT
 
 PROFILES = ROOT / "profiles"
 
@@ -171,7 +171,7 @@ def test_a_worker_refuses_a_commit_its_packages_do_not_fit(tmp_path):
 
 def test_dispatch_to_workers_needs_pushed_committed_code_and_a_url(tmp_path, monkeypatch):
     from fer_pipeline.runner.dispatch import dispatch_origin
-    from fer_pipeline.sandbox import sh
+    from sandbox import sh
 
     repo = tmp_path / "repo"
     (repo / "src").mkdir(parents=True)
@@ -208,7 +208,7 @@ def test_a_deployment_run_refuses_an_mlflow_store_inside_its_clone(tmp_path, mon
     registry. The team's server, or a store outside the clone, passes."""
     import yaml
 
-    from fer_pipeline.sandbox import tiny_params
+    from sandbox import tiny_params
 
     clone = tmp_path / "clone"
     clone.mkdir()

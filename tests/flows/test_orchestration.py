@@ -1,6 +1,6 @@
 """The Prefect flow against a real Prefect server (the test harness) and a real worker process.
 
-One temporary git + DVC project (fer_pipeline/sandbox.py: this project's dvc.yaml and src/, tiny
+One temporary git + DVC project (tests/sandbox.py: this project's dvc.yaml and src/, tiny
 synthetic data, two 1-epoch models) runs end to end, then again with nothing changed; a
 second project with a bad class folder runs through `prefect deploy` + `prefect worker start`.
 """
@@ -22,8 +22,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
-from fer_pipeline.sandbox import ROOT, make_project
 from prefect_runs import finish_runs
+from sandbox import ROOT, make_project
 
 BIN = Path(sys.executable).parent
 

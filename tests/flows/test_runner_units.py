@@ -12,8 +12,8 @@ from prefect import flow
 from fer_pipeline.errors import ERROR_FILE_ENV, FerError, ParamsError, TransientError
 from fer_pipeline.runner import engine, overrides, project
 from fer_pipeline.runner.stage import StageFailed, StageResult, TransientStageError, classify
-from fer_pipeline.sandbox import ROOT
 from flows import pipeline
+from sandbox import ROOT
 
 
 def test_classify_by_the_type_fer_reported_not_by_text():
@@ -97,7 +97,7 @@ def test_a_misspelt_override_fails_before_anything_runs(tmp_path):
 
 @pytest.mark.slow
 def test_the_flow_rejects_a_misspelt_override_naming_the_key(tmp_path, prefect_harness):
-    from fer_pipeline.sandbox import make_project
+    from sandbox import make_project
 
     repo = make_project(tmp_path, n_models=1)
     before = (repo / "params.yaml").read_text()
@@ -158,7 +158,7 @@ def test_a_run_copy_holds_the_checkouts_edits_and_absolute_remotes(tmp_path, mon
     80 columns, which once lost a remote); the experiment saved from it holds the run's new
     files; the checkout is never written."""
     from fer_pipeline.runner import experiment, workspace
-    from fer_pipeline.sandbox import sh
+    from sandbox import sh
 
     repo = tmp_path / ("a-folder-name-long-enough-to-wrap-" * 3) / "repo"
     repo.mkdir(parents=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fer_pipeline.sandbox import ROOT, make_project, sh
+from sandbox import ROOT, make_project, sh
 
 pytest.importorskip("boto3")
 from pool import machine, namespaces_work, start_git_daemon, start_prefect_server  # noqa: E402

@@ -33,9 +33,9 @@ from prefect.client.schemas.filters import (
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
-from fer_pipeline.sandbox import ROOT, make_project, sh
 from pool import start_git_daemon
 from prefect_runs import finish_runs
+from sandbox import ROOT, make_project, sh
 
 BIN = Path(sys.executable).parent
 MARKER = "fer-pipeline code loaded from"

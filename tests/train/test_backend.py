@@ -18,8 +18,8 @@ import yaml
 from fer_pipeline import params as P
 from fer_pipeline.backend import Device, requested, select
 from fer_pipeline.errors import FerError, ParamsError
-from fer_pipeline.sandbox import make_project
 from fer_pipeline.train.precision import auto_policy
+from sandbox import make_project
 
 BIN = Path(sys.executable).parent
 H200, A100 = Device("gpu", "NVIDIA H200", (9, 0)), Device("gpu", "NVIDIA A100", (8, 0))

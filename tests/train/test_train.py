@@ -18,9 +18,9 @@ import yaml
 from fer_pipeline import params as P
 from fer_pipeline.arrays import SplitArrays, save_split
 from fer_pipeline.errors import FerError, ParamsError
-from fer_pipeline.sandbox import ROOT, TINY_CNN, tiny_params
 from fer_pipeline.synthetic import CLASSES
 from fer_pipeline.tracking import TrackingUnavailable
+from sandbox import ROOT, TINY_CNN, tiny_params
 
 FER = str(Path(sys.executable).parent / "fer")
 # sandbox.TINY_CNN stops after one epoch without progress; these tests count epochs.

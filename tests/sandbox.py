@@ -19,7 +19,7 @@ import yaml
 from fer_pipeline import params as P
 from fer_pipeline.synthetic import make_raw_tree
 
-ROOT = Path(__file__).resolve().parents[2]   # the checkout this package is installed from
+ROOT = Path(__file__).resolve().parents[1]   # the checkout these tests belong to
 TINY_CNN = {"epochs": 1, "batch_size": 16, "width": 0.125, "conv_filters": [32, 64],
             "dense_units": [64], "early_stopping_patience": 1}
 
