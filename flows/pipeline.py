@@ -31,7 +31,6 @@ from prefect.runtime import deployment, flow_run
 from fer_pipeline.errors import FerError, TransientError
 from fer_pipeline.runner import engine, policy
 from fer_pipeline.runner.overrides import build_overrides
-from fer_pipeline.runner.project import stage_is_current
 from fer_pipeline.runner.stage import RUN_ID_ENV, StageFailed, check_store_outlives, run_stage
 from fer_pipeline.tracking import git_info
 
@@ -130,10 +129,9 @@ def parallel_stage(stage: str, run: engine.Run, dispatch: str,
 
         return engine.run_isolated(run, stage, log=logger.info, execute=execute)
     with engine.PROJECT_LOCK:
-        current = stage_is_current(stage, run.copy)
-    if current:
-        logger.info("Stage '%s' didn't change, skipping", stage)
-        return {"stage": stage, "status": "skipped", "seconds": 0.0, "workspace": None}
+        skipped = engine.skip_if_current(run, stage, log=logger.info)
+    if skipped is not None:
+        return skipped
     return _dispatch(stage, str(run.copy), run.run_id, origin, run.overrides,
                      pickup_timeout_s, train_timeout_s)
 

@@ -128,9 +128,7 @@ def _run(args: argparse.Namespace) -> int:
     name = args.name or experiment_name(args.profile)
     checkout = Path.cwd()
     if args.dry:
-        plan = engine.plan(engine.Run(checkout, checkout, name, {}, targets=engine.upstream(
-            checkout, args.targets) if args.targets else None))
-        for step in plan:
+        for step in engine.dry_plan(checkout, args.targets or None):
             print(("in parallel: " if step.parallel else "") + " ".join(step.stages))
         return 0
     # The run id is the experiment's name: the same `fer run -n NAME` after a crash takes over

@@ -3,7 +3,8 @@
     run = open_run(checkout, run_id, overrides, models=..., targets=...)
     for step in plan(run):        # dvc.yaml order; a foreach stage is one step of items
         ...                       # run_serial / run_isolated here, or a stage job on a worker
-    finish(run, experiment=...)   # DVC experiment, results kept, adopted, copy removed
+    finish(run, experiment=...)   # DVC experiment, results kept, adopted
+    close(run)                    # the run copy removed
 
 The run works in its own copy of the checkout (workspace.run_copy): overrides, stages,
 dvc.lock and the experiment happen there. The flow wraps each call in a Prefect task; `fer run`
@@ -124,15 +125,30 @@ def run_serial(run: Run, stage: str, log: Log = print) -> dict[str, Any]:
     return result.as_dict()
 
 
+def skip_if_current(run: Run, stage: str, log: Log = print) -> dict[str, Any] | None:
+    """The "skipped" result when DVC would skip `stage` (call under PROJECT_LOCK), else None:
+    an up-to-date item gets no workspace and goes to no worker."""
+    if not stage_is_current(stage, run.copy):
+        return None
+    log(f"Stage '{stage}' didn't change, skipping")
+    return {"stage": stage, "status": "skipped", "seconds": 0.0, "workspace": None}
+
+
+def dry_plan(checkout: str | Path, targets: list[str] | None = None) -> list[Step]:
+    """The plan of a run of the checkout as it stands, without a run copy (`fer run --dry`)."""
+    checkout = Path(checkout).resolve()
+    return plan(Run(checkout, checkout, "dry", {}, targets=upstream(checkout, targets)
+                    if targets else None, gpu=gpu_stages(checkout)))
+
+
 def run_isolated(run: Run, stage: str, log: Log = print,
                  execute: Callable[[str, str], dict[str, Any]] | None = None) -> dict[str, Any]:
     """One parallel item on this machine: skipped when current; else in its own workspace,
     its outputs brought back into the run copy. `execute(stage, workspace)` runs it (the flow
     passes a task tagged `gpu`); default: run_stage here."""
     with PROJECT_LOCK:
-        if stage_is_current(stage, run.copy):
-            log(f"Stage '{stage}' didn't change, skipping")
-            return {"stage": stage, "status": "skipped", "seconds": 0.0, "workspace": None}
+        if (skipped := skip_if_current(run, stage, log)) is not None:
+            return skipped
         ws = str(workspace.prepare_workspace(run.copy, stage))
     if execute is None:
         result = run_stage(stage, ws, env=run.env(), log=log).as_dict()
