@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 PROFILE ?= quick
 
-.PHONY: help setup setup-unlocked lock setup-gpu data run study test test-all serve lint clean-outputs
+.PHONY: help setup setup-unlocked lock setup-gpu data run study test test-all serve schemas lint clean-outputs
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -51,6 +51,9 @@ test-all: setup  ## everything (CI): + whole pipelines, Prefect/PostgreSQL/S3/gi
 
 serve: setup  ## fer serve: HTTP + web page on http://127.0.0.1:8000/ (the champion, else the bundled release)
 	$(BIN)/fer serve
+
+schemas: setup  ## regenerate docs/schemas/ (JSON Schemas; a test fails when they are stale)
+	$(BIN)/python -c "from fer_pipeline import params as P; P.SCHEMA_PATH.write_text(P.schema_text())"
 
 lint: setup  ## ruff
 	$(BIN)/ruff check src flows tests benchmarks

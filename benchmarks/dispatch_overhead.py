@@ -36,7 +36,7 @@ from pathlib import Path
 
 from fer_pipeline.params import parse_overrides
 from fer_pipeline.runner import dispatch, worker
-from fer_pipeline.runner.overrides import apply_overrides
+from fer_pipeline.runner.overrides import write_overrides
 from pool import start_git_daemon
 from sandbox import make_project, sh
 from team_stack import AWS_TEST_ENV, DVC_BUCKET, start_s3
@@ -152,7 +152,7 @@ def main() -> int:
                 subprocess.run(["dvc", "repro", "--single-item", stage], cwd=repo, env=env,
                                check=True, capture_output=True)
         commit = sh("git", "rev-parse", "HEAD", cwd=repo).strip()
-        apply_overrides(repo, overrides)   # the parent's run copy holds them, as in the flow
+        write_overrides(repo, overrides)   # the parent's run copy holds them, as in the flow
         rows, traffic, policy = [], [], []
 
         def log(message: str) -> None:

@@ -2,7 +2,7 @@
 
 Every stage of a sandbox copy of the project runs its dvc.yaml command in a fresh interpreter
 that records (a) every project source file it loaded and (b) every params field it read (the
-params dataclasses are instrumented in that interpreter only). A file or param read but not
+params classes are instrumented in that interpreter only). A file or param read but not
 listed would leave outputs marked up to date after an edit; one listed but never read reruns a
 stage for nothing. Both fail here, naming the stage and the file or key.
 """
@@ -27,18 +27,19 @@ NOT_DEPS = ("mlflow", "train.verbose")
 SECTION_OF = {"DataParams": "data", "ValidateParams": "validate", "CleanParams": "clean",
               "SplitParams": "split", "TrainParams": "train", "MlflowParams": "mlflow",
               "EvaluateParams": "evaluate", "RegistryParams": "registry"}
-MODEL_CLASSES = {"ModelParams": "", "AugmentParams": "augmentation.", "ReduceLRParams": "reduce_lr.",
+MODEL_CLASSES = {"ModelParams": "", "CustomCNNParams": "", "FerNetParams": "", "TransferParams": "",
+                 "AugmentParams": "augmentation.", "ReduceLRParams": "reduce_lr.",
                  "DistillParams": "distill."}
 
 RECORDER = r'''
-import atexit, dataclasses, json, os, sys
+import atexit, json, os, sys
 from fer_pipeline import params as P
 
 read = set()
 on = [False]   # reads while params.yaml is loaded (its own checks) are not the stage's reads
 
 def _record(cls):
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = set(cls.model_fields)
     def getattribute(self, name, _names=names, _cls=cls.__name__):
         if on[0] and name in _names:
             read.add(f"{_cls}.{name}")

@@ -3,7 +3,7 @@ overrides checked the same way, dataclass defaults equal to params.yaml's values
 
 from __future__ import annotations
 
-import dataclasses
+import re
 
 import pytest
 import yaml
@@ -18,27 +18,58 @@ RAW = P.load_raw(ROOT / "params.yaml")
 
 def test_params_yaml_loads_with_every_section_typed():
     p = P.load(ROOT / "params.yaml")
-    assert set(RAW) == {f.name for f in dataclasses.fields(P.Params)}
+    assert set(RAW) == set(P.SECTIONS) == {f.alias or n for n, f in P.Params.model_fields.items()}
     assert p.model("fernet").augmentation.random_erasing == RAW["models"]["fernet"]["augmentation"][
         "random_erasing"]
     assert p.evaluate.tta == RAW["evaluate"]["tta"]
+    assert {name: type(m).__name__ for name, m in p.models.items()} == {
+        "custom_cnn": "CustomCNNParams", "custom_cnn_aug": "CustomCNNParams",
+        "vgg16": "TransferParams", "resnet50": "TransferParams", "fernet": "FerNetParams"}
 
 
 @pytest.mark.parametrize("section", ["data", "validate", "clean", "split", "train", "mlflow",
                                      "evaluate", "registry"])
-def test_dataclass_defaults_equal_params_yaml(section):
+def test_schema_defaults_equal_params_yaml(section):
     """A default in code that disagrees with params.yaml would change a run that omits the key."""
-    cls = type(getattr(P.Params(), section))
-    default = dataclasses.asdict(cls())
+    default = P.to_dict(getattr(P.Params(), section))
     assert {k: default[k] for k in RAW[section]} == P.to_dict(getattr(P.load(ROOT / "params.yaml"),
                                                                       section))
 
 
 def test_model_defaults_are_the_study_custom_cnn():
     study = P.load(ROOT / "params.yaml").model("custom_cnn")
-    default = P.ModelParams()
-    for key in RAW["models"]["custom_cnn"]:
-        assert getattr(default, key) == getattr(study, key), key
+    default = P.model_params(arch="custom_cnn")
+    assert P.to_dict(default) == P.to_dict(study)
+
+
+def test_committed_json_schema_is_the_schema_of_params_py():
+    """docs/schemas/params.schema.json is what editors check params.yaml with: regenerate it
+    (`make schemas`) when a param changes."""
+    committed = (ROOT / P.SCHEMA_PATH).read_text()
+    assert committed == P.schema_text(), "stale params schema: run `make schemas`"
+    assert (ROOT / "params.yaml").read_text().startswith(
+        f"# yaml-language-server: $schema={P.SCHEMA_PATH}")
+
+
+def test_json_schema_checks_params_yaml_and_its_profiles():
+    """The published schema accepts params.yaml and every profile applied to it, and refuses
+    what the loader refuses: a key of another arch, an unknown arch, a mistyped value."""
+    import json
+
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((ROOT / P.SCHEMA_PATH).read_text())
+    jsonschema.validate(RAW, schema)
+    for profile in sorted((ROOT / "profiles").glob("*.yaml")):
+        jsonschema.validate(P.apply_overrides(RAW, load_profile(profile.stem, ROOT / "profiles")),
+                            schema)
+    for edit in (lambda r: r["models"]["vgg16"].update(blocks_per_stage=2),
+                 lambda r: r["models"]["fernet"].update(arch="fernet2"),
+                 lambda r: r["split"].update(seed="x"),
+                 lambda r: r["train"].update(precision="bf16")):
+        raw = P.load_raw(ROOT / "params.yaml")
+        edit(raw)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(raw, schema)
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -49,21 +80,29 @@ def test_model_defaults_are_the_study_custom_cnn():
      "models.fernet.augmentation.zom (did you mean models.fernet.augmentation.zoom?)"),
     (lambda r: r["train"].update(precision="bf16"), "train.precision must be one of"),
     (lambda r: r["split"].update(seed="x"), "split.seed must be int, got 'x'"),
+    (lambda r: r["models"]["vgg16"].update(members=2),
+     "unknown key models.vgg16.members (arch vgg16 has no members; it is a key of arch fernet)"),
+    (lambda r: r["models"]["fernet"].update(arch="fernett"),
+     "models.fernet.arch must be one of ['custom_cnn', 'fernet', 'vgg16', 'resnet50'], got "
+     "'fernett' (did you mean fernet?)"),
+    (lambda r: r["models"]["fernet"].pop("arch"), "models.fernet needs an arch"),
 ])
 def test_unknown_or_mistyped_keys_fail_by_dotted_name(tmp_path, edit, message):
     raw = P.load_raw(ROOT / "params.yaml")
     edit(raw)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(P.ParamsError, match=message.replace("(", r"\(").replace(")", r"\)")
-                       .replace("?", r"\?")):
+    with pytest.raises(P.ParamsError, match=re.escape(message)):
         P.load(path)
 
 
 def test_overrides_are_checked_like_the_file():
     p = P.load(ROOT / "params.yaml", ["models.fernet.epochs=3", "models.vgg16.weights=null"])
     assert p.model("fernet").epochs == 3 and p.model("vgg16").weights is None
-    assert P.load(ROOT / "params.yaml", {"models.fernet.input_size": 64}).model("fernet").input_size == 64
+    assert P.load(ROOT / "params.yaml", {"models.vgg16.input_size": 64}).model("vgg16").input_size == 64
+    with pytest.raises(P.ParamsError, match=r"models.fernet.input_size \(arch fernet has no "
+                                            r"input_size; it is a key of arch vgg16 and resnet50"):
+        P.load(ROOT / "params.yaml", {"models.fernet.input_size": 64})
     with pytest.raises(P.ParamsError, match=r"models.fernt \(did you mean models.fernet\?\)"):
         P.load(ROOT / "params.yaml", ["models.fernt.epochs=1"])   # would create a model
     with pytest.raises(P.ParamsError, match="models.fernet.epochs must be int"):
@@ -118,12 +157,12 @@ def test_blocks_per_stage_is_one_count_or_one_per_stage():
     with pytest.raises(P.ParamsError, match="models.fernet.blocks_per_stage lists 3 stages but "
                                             "conv_filters has 4"):
         P.load(ROOT / "params.yaml", ["models.fernet.blocks_per_stage=[1, 2, 2]"])
-    with pytest.raises(P.ParamsError, match=r"models.fernet.blocks_per_stage must be >= 1"):
+    with pytest.raises(P.ParamsError, match=r"models.fernet.blocks_per_stage\[0\] must be >= 1, got 0"):
         P.load(ROOT / "params.yaml", ["models.fernet.blocks_per_stage=[0, 2, 2, 2]"])
     with pytest.raises(P.ParamsError, match=r"models.fernet.blocks_per_stage\[1\] must be int"):
         P.load(ROOT / "params.yaml", ["models.fernet.blocks_per_stage=[1, two, 2, 2]"])
 
 
 def test_a_cap_below_one_is_refused_by_name():
-    with pytest.raises(P.ParamsError, match="data.max_test_per_class must be null or >= 1"):
+    with pytest.raises(P.ParamsError, match="data.max_test_per_class must be >= 1, got 0"):
         P.from_dict({"data": {"max_test_per_class": 0}})

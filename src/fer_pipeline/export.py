@@ -20,12 +20,12 @@ import datetime as dt
 import json
 import logging
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fer_pipeline import params as P
 from fer_pipeline.errors import FerError, MissingInputError
 from fer_pipeline.io import md5_file, staged_dir, write_json, write_text
 from fer_pipeline.params import EvaluateParams, ModelParams, RegistryParams, TrainParams
@@ -115,7 +115,7 @@ def export_release(models: dict[str, ModelParams], train: TrainParams, evaluate:
                                                            "train_seconds", "trainable_params")},
             "data_md5": data_hashes([evaluate.val_path, evaluate.test_path]),
             "data_md5_train": train_metrics.get("data_md5_train"),
-            "recipe": asdict(models[name]),
+            "recipe": P.to_dict(models[name]),
             "trainable_params": int(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
             "model_md5": md5_file(work / MODEL_FILE),
             "model_bytes": (work / MODEL_FILE).stat().st_size,

@@ -74,8 +74,7 @@ def every_reason_has_detail(report: pd.DataFrame) -> bool:
 
 def test_size_policy_resize_keeps_wrong_size(tmp_path, params_file, messy_tree):
     p = load(params_file)
-    from dataclasses import replace
-    report = decide(build_manifest(messy_tree), p.data, replace(p.clean, size_policy="resize"))
+    report = decide(build_manifest(messy_tree), p.data, p.clean.model_copy(update={"size_policy": "resize"}))
     assert report.set_index("relpath").loc["train/sad/Training_9003.png", "decision"] == "kept"
 
 
@@ -107,8 +106,7 @@ def test_split_is_seeded_and_capped(tmp_path, params_file, raw_tree):
     manifest = tmp_path / "m.csv"
     build_manifest(raw_tree).to_csv(manifest, index=False)
     run_clean(manifest, tmp_path / "r.csv", tmp_path / "c.json", p.data, p.clean)
-    from dataclasses import replace
-    data = replace(p.data, max_per_class=5)
+    data = p.data.model_copy(update={"max_per_class": 5})
     run_split(tmp_path / "r.csv", tmp_path / "a", tmp_path / "a.json", data, p.clean, p.split)
     run_split(tmp_path / "r.csv", tmp_path / "b", tmp_path / "b.json", data, p.clean, p.split)
     a, b = load_split(tmp_path / "a/val.npz"), load_split(tmp_path / "b/val.npz")
@@ -117,7 +115,7 @@ def test_split_is_seeded_and_capped(tmp_path, params_file, raw_tree):
     assert len(load_split(tmp_path / "a/test.npz")) == 7 * 4  # 4 < cap 5
     # A test-only cap shrinks the test split and leaves train and val as they were.
     run_split(tmp_path / "r.csv", tmp_path / "c", tmp_path / "c.json",
-              replace(data, max_test_per_class=2), p.clean, p.split)
+              data.model_copy(update={"max_test_per_class": 2}), p.clean, p.split)
     assert len(load_split(tmp_path / "c/test.npz")) == 7 * 2
     np.testing.assert_array_equal(load_split(tmp_path / "c/val.npz").ids, a.ids)
 

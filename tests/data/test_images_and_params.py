@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from fer_pipeline.data.images import ImageDecodeError, pixel_hash, read_image, to_dataset_image
-from fer_pipeline.params import CleanParams, DataParams, ParamsError, build, load, set_dotted
+from fer_pipeline.params import ParamsError, from_dict, load, set_dotted
 
 
 def test_gray_jpeg_decodes(tmp_path: Path):
@@ -65,11 +65,11 @@ def test_wrong_size_policy():
 
 def test_params_reject_unknown_and_mistyped_keys(tmp_path: Path):
     with pytest.raises(ParamsError, match="unknown key clean.colour"):
-        build(CleanParams, {"colour": "x"}, "clean")
+        from_dict({"clean": {"colour": "x"}})
     with pytest.raises(ParamsError, match="data.image_size must be int"):
-        build(DataParams, {"image_size": "48"}, "data")
+        from_dict({"data": {"image_size": "48"}})
     with pytest.raises(ParamsError, match="clean.size_policy"):
-        build(CleanParams, {"size_policy": "stretch"}, "clean")
+        from_dict({"clean": {"size_policy": "stretch"}})
 
 
 def test_project_params_load_and_override():

@@ -207,7 +207,7 @@ def test_a_mixed_precision_model_is_released_as_a_float32_copy(tmp_path, members
     before = keras.mixed_precision.global_policy().name
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        trained = build_model(P.ModelParams(arch="fernet", width=0.125, dense_units=[],
+        trained = build_model(P.model_params(arch="fernet", width=0.125, dense_units=[],
                                             members=members), 7, seed=0).model
     finally:
         keras.mixed_precision.set_global_policy(before)

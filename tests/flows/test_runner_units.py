@@ -73,25 +73,25 @@ def test_only_transient_failures_are_retried(monkeypatch, prefect_harness):
 
 def test_overrides_keep_comments(tmp_path):
     (tmp_path / "params.yaml").write_text(
-        "# top comment\ndata:\n  max_per_class: null  # cap\nmodels:\n  a: {epochs: 10}\n"
-        "  b:\n    epochs: 10\n")
+        "# top comment\ndata:\n  max_per_class: null  # cap\nmodels:\n  a: {arch: fernet, epochs: 10}\n"
+        "  b:\n    arch: custom_cnn\n    epochs: 10\n")
     ovr = overrides.build_overrides({"split.seed": 7}, epochs=1, max_per_class=50, root=tmp_path)
     assert ovr == {"data.max_per_class": 50, "models.a.epochs": 1, "models.b.epochs": 1,
                    "split.seed": 7}
-    changed = overrides.apply_overrides(tmp_path, ovr)
+    changed = overrides.write_overrides(tmp_path, ovr)
     assert changed["data.max_per_class"] == [None, 50]
     text = (tmp_path / "params.yaml").read_text()
     assert "# top comment" in text and "# cap" in text
-    assert overrides.apply_overrides(tmp_path, ovr) == {}
+    assert overrides.write_overrides(tmp_path, ovr) == {}
 
 
 def test_a_misspelt_override_fails_before_anything_runs(tmp_path):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     before = (tmp_path / "params.yaml").read_text()
     with pytest.raises(ParamsError, match=r"models\.fernt \(did you mean models\.fernet\?\)"):
-        overrides.apply_overrides(tmp_path, {"models.fernt.epochs": 1})
+        overrides.write_overrides(tmp_path, {"models.fernt.epochs": 1})
     with pytest.raises(ParamsError, match="models.fernet.epochs must be int"):
-        overrides.apply_overrides(tmp_path, {"models.fernet.epochs": "one"})
+        overrides.write_overrides(tmp_path, {"models.fernet.epochs": "one"})
     assert (tmp_path / "params.yaml").read_text() == before
 
 

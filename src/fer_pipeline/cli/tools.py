@@ -73,12 +73,10 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import dataclasses
-
     p = P.load(args.params) if args.params != "params.yaml" or Path(args.params).is_file() \
         else P.Params()
-    serve = dataclasses.replace(p.serve, **{k: v for k, v in (("host", args.host),
-                                                                ("port", args.port)) if v})
+    serve = p.serve.model_copy(update={k: v for k, v in (("host", args.host),
+                                                         ("port", args.port)) if v})
     from fer_pipeline.predict import resolve_classifier
     from fer_pipeline.serve import run
 

@@ -25,7 +25,7 @@ from fer_pipeline import params as P
 from fer_pipeline.errors import FerError
 from fer_pipeline.runner import workspace
 from fer_pipeline.runner.experiment import keep_results, save_experiment
-from fer_pipeline.runner.overrides import apply_overrides, changes, model_names
+from fer_pipeline.runner.overrides import changes, model_names, write_overrides
 from fer_pipeline.runner.project import (
     dvc,
     gpu_stages,
@@ -88,7 +88,7 @@ def open_run(checkout: str | Path, run_id: str, overrides: dict[str, Any], *,
     changed = changes(checkout, overrides)
     copy = workspace.run_copy(checkout, run_id)   # an existing one (a retry) is taken over
     log(f"run copy: {copy} (the checkout is not written)")
-    apply_overrides(copy, overrides)
+    write_overrides(copy, overrides)
     for key, (old, new) in changed.items():
         log(f"param {key}: {old!r} -> {new!r}")
     if pull and remote_urls(copy):

@@ -35,7 +35,7 @@ def model_names(root: str | Path) -> list[str]:
     return list(P.load(Path(root) / "params.yaml").models)
 
 
-def apply_overrides(root: str | Path, overrides: dict[str, Any],
+def write_overrides(root: str | Path, overrides: dict[str, Any],
                     validate: bool = True) -> dict[str, list[Any]]:
     """Write overrides into the workspace's params.yaml (comments kept). Returns changed keys
     as {key: [old, new]}; the file is left untouched when nothing changes. Every key and value

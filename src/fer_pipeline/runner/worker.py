@@ -34,7 +34,7 @@ import yaml
 from fer_pipeline.errors import FerError, TransientError
 from fer_pipeline.runner.exchange import RunStore, StateSync
 from fer_pipeline.runner.job import StageJob
-from fer_pipeline.runner.overrides import apply_overrides
+from fer_pipeline.runner.overrides import write_overrides
 from fer_pipeline.runner.project import (
     dvc,
     git,
@@ -164,7 +164,7 @@ def execute(job: StageJob, root: Path | None = None,
         raise FerError(f"stage job: {job.stage} is not an item of a gpu stage in the dvc.yaml of "
                        f"commit {job.commit[:12]} (`meta: {{gpu: true}}`): it runs in the parent")
     configure_dvc(work, root)
-    apply_overrides(work, job.overrides, validate=False)
+    write_overrides(work, job.overrides, validate=False)
     merge_lock(work, job.locks)
     deps, _, uncached = stage_paths(work, job.stage)
     pull = inputs_to_pull(deps, job.locks)

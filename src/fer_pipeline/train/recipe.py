@@ -48,7 +48,7 @@ def loss_and_targets(mp: ModelParams, n_classes: int
     (mixup/CutMix mix the targets) or distillation (the teachers' probabilities mixed in).
     Returns (loss, accuracy metric, function mapping int labels to the targets fit needs)."""
     eye = np.eye(n_classes, dtype=np.float32)
-    if mp.members > 1:
+    if getattr(mp, "members", 1) > 1:          # fernet: an ensemble in one model
         return (members_loss(mp.label_smoothing),
                 keras.metrics.MeanMetricWrapper(ensemble_accuracy, name="accuracy"),
                 lambda y: eye[y])

@@ -10,7 +10,6 @@ epoch, in the same MLflow run.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import json
 import logging
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from fer_pipeline import params as P
 from fer_pipeline.arrays import SplitArrays
 from fer_pipeline.io import atomic_path, md5_file, write_json
 from fer_pipeline.params import ModelParams
@@ -37,7 +37,7 @@ def fingerprint(name: str, mp: ModelParams, seed: int, policy: str,
     """Changes with the model's params, the seed, the dtype policy and the data files' contents
     (not their paths or times: a retry on another machine resumes the same state)."""
     h = hashlib.sha256()
-    h.update(json.dumps([name, dataclasses.asdict(mp), seed, policy], sort_keys=True,
+    h.update(json.dumps([name, P.to_dict(mp), seed, policy], sort_keys=True,
                         default=str).encode())
     for p in data_files:   # by content: a copy pulled on another machine is the same data
         h.update(f"{Path(p).name}:{md5_file(p)}".encode())

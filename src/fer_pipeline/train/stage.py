@@ -9,7 +9,6 @@ crash-resume state in `resume.py`, the MLflow run in `mlflow_run.py`, model file
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fer_pipeline import io
+from fer_pipeline import params as P
 from fer_pipeline.arrays import PROCESSED_DIR, SplitArrays, load_split, split_path
 from fer_pipeline.errors import FerError
 from fer_pipeline.params import MlflowParams, ModelParams, TrainParams
@@ -107,7 +107,7 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
             "backend": keras.backend.backend()}
     rows = state.history_rows()
     with tracker.start(state.run_id(), info, data_files,
-                       {"model": dataclasses.asdict(mp), "train": dataclasses.asdict(tp)}) as run:
+                       {"model": P.to_dict(mp), "train": P.to_dict(tp)}) as run:
         if run.run_id:
             state.save_run_id(run.run_id)
         logger = recipe.EpochLogger(mp.epochs, len(train), rows,
