@@ -353,6 +353,13 @@ def test_fernet_recipe_trains_with_smoothing_cosine_and_erasing(processed, tmp_p
     assert model.predict(np.zeros((2, 48, 48, 1), np.float32), verbose=0).shape == (2, 7)
 
 
+def test_every_arch_of_the_schema_has_a_builder():
+    """Adding an architecture: a params class in params.ARCH_CLASSES and a builder here."""
+    from fer_pipeline.train.models import BUILDERS
+
+    assert set(BUILDERS) == set(P.ARCH_CLASSES)
+
+
 def test_bn_momentum_and_feature_norm_reach_the_layers():
     """The quick profile's short-run levers: BatchNormalization momentum (moving statistics
     that follow a few hundred steps) and standardised features under a random frozen base."""

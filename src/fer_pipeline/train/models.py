@@ -103,7 +103,7 @@ def resolve_weights(arch: str, weights: str | None, name: str = "") -> str | Non
 
 
 def build_custom_cnn(mp: ModelParams, num_classes: int, image_size: int = 48,
-                     seed: int | None = None) -> BuiltModel:
+                     seed: int | None = None, name: str = "") -> BuiltModel:
     inp = keras.Input((image_size, image_size, 1), name="image", dtype="float32")
     x = scale_pixels(inp, mp)
     for i, f in enumerate(mp.conv_filters):
@@ -198,7 +198,7 @@ def build_transfer(mp: ModelParams, num_classes: int, image_size: int = 48,
 
 
 def build_fernet(mp: ModelParams, num_classes: int, image_size: int = 48,
-                 seed: int | None = None) -> BuiltModel:
+                 seed: int | None = None, name: str = "") -> BuiltModel:
     """The fifth model: a VGG-style network sized for 48x48 faces and a CPU budget.
 
     Stages of `blocks_per_stage` conv-BN-ReLU blocks (one count, or one per stage: the 48-px
@@ -253,13 +253,15 @@ def _fernet_body(x, mp: ModelParams, num_classes: int):
                               name="predictions")(x)
 
 
+# One builder per `arch` of params.py's ARCH_CLASSES (a test checks both list the same archs).
+BUILDERS = {"custom_cnn": build_custom_cnn, "fernet": build_fernet,
+            "vgg16": build_transfer, "resnet50": build_transfer}
+
+
 def build_model(mp: ModelParams, num_classes: int, image_size: int = 48,
                 seed: int | None = None, name: str = "") -> BuiltModel:
-    if mp.is_transfer:
-        return build_transfer(mp, num_classes, image_size, seed, name)
-    if mp.arch == "fernet":
-        return build_fernet(mp, num_classes, image_size, seed)
-    return build_custom_cnn(mp, num_classes, image_size, seed)
+    """The network `mp.arch` names; `name` (the models.<name> key) is for error messages."""
+    return BUILDERS[mp.arch](mp, num_classes, image_size, seed, name)
 
 
 def trainable_params(model: keras.Model) -> int:
