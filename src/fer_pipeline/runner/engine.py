@@ -55,14 +55,18 @@ class Run:
     models: list[str] | None = None        # train only these `models` keys
     targets: set[str] | None = None        # only these stages and what they depend on
     gpu: set[str] = field(default_factory=set)
+    _env: dict[str, str] | None = field(default=None, repr=False)
 
     @property
     def overrides(self) -> dict[str, Any]:
         return {key: new for key, (_, new) in self.changed.items()}
 
     def env(self) -> dict[str, str]:
-        """A stage's environment: MLflow at the checkout's store, the run id."""
-        return stage_env(self.checkout, self.run_id)
+        """A stage's environment: MLflow at the checkout's store, the run id (params.yaml is
+        read for it once per run, not once per stage)."""
+        if self._env is None:
+            self._env = stage_env(self.checkout, self.run_id)
+        return dict(self._env)
 
 
 @dataclass
