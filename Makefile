@@ -53,7 +53,7 @@ serve: setup  ## fer serve: HTTP + web page on http://127.0.0.1:8000/ (the champ
 	$(BIN)/fer serve
 
 lint: setup  ## ruff
-	$(BIN)/ruff check src flows tests benchmarks
+	$(BIN)/ruff check src flows tests benchmarks experiments
 
 # ---- orchestration: Prefect flow + servers (docs/orchestration.md) ----
 # Servers bind to HOST; point at a team's servers with PREFECT_API_URL / MLFLOW_TRACKING_URI.
