@@ -43,7 +43,7 @@ run: setup  ## set up and run the whole pipeline with the quick profile (2-core 
 study: setup  ## the original study's full recipe (params.yaml defaults; a GPU job)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro --pull
 
-test: setup  ## the fast tier: every module on tiny synthetic data, no whole pipelines (about 3 min)
+test: setup  ## the fast tier: every module on tiny synthetic data, no whole pipelines (about 4 min)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m "not slow"
 
 test-all: setup  ## everything (CI): + whole pipelines, Prefect/PostgreSQL/S3/git servers, a browser (about 26 min)
