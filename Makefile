@@ -43,7 +43,7 @@ run: setup  ## set up and run the whole pipeline with the quick profile (2-core 
 study: setup  ## the original study's full recipe (params.yaml defaults; a GPU job)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro --pull
 
-test: setup  ## the fast tier: every module on tiny synthetic data, no whole pipelines (about 3 min)
+test: setup  ## the fast tier: every module on tiny synthetic data, no whole pipelines (about 4 min)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m "not slow"
 
 test-all: setup  ## everything (CI): + whole pipelines, Prefect/PostgreSQL/S3/git servers, a browser (about 26 min)
@@ -56,7 +56,7 @@ schemas: setup  ## regenerate docs/schemas/ (JSON Schemas; a test fails when the
 	$(BIN)/python -c "from fer_pipeline import params as P; P.SCHEMA_PATH.write_text(P.schema_text())"
 
 lint: setup  ## ruff
-	$(BIN)/ruff check src flows tests benchmarks
+	$(BIN)/ruff check src flows tests benchmarks experiments
 
 # ---- orchestration: Prefect flow + servers (docs/orchestration.md) ----
 # Servers bind to HOST; point at a team's servers with PREFECT_API_URL / MLFLOW_TRACKING_URI.

@@ -1,8 +1,10 @@
 """What every benchmark script shares: a description of the machine, and the one way to append
-a dated section (with the git commit it ran at) to benchmarks/results.md.
+a dated section (with the git commit it ran at) to the lab journal, experiments/journal.md.
 
-Scripts run as `python benchmarks/<script>.py`, so `import common` finds this file; the
-package itself is installed (editable) in the venv.
+Benchmarks run as `python benchmarks/<script>.py`, so `import common` finds this file; the
+scripts in experiments/ import it too, run as `PYTHONPATH=benchmarks python experiments/<script>.py`.
+The package itself is installed (editable) in the venv. A run's section is the raw record; the
+figures a user reads are copied by hand into docs/results.md, with a link to the section.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
     from fer_pipeline.arrays import SplitArrays
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).with_name("results.md")
+RESULTS = ROOT / "experiments" / "journal.md"
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
@@ -73,7 +75,7 @@ def append_results(title: str, body_markdown: str, command: str | None = None,
                f"- command: `{command or command_line()}`\n{body_markdown.rstrip()}\n")
     results = Path(results)
     if not results.exists():
-        results.write_text("# Benchmark results\n")
+        results.write_text("# Lab journal\n")
     with results.open("a") as fh:
         fh.write(section)
     return section

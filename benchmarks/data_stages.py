@@ -1,6 +1,6 @@
 """Wall time of the data stages on the real dataset: `dvc repro -f split`, then a no-op repro.
 
-    python benchmarks/data_stages.py        # appends to benchmarks/results.md
+    python benchmarks/data_stages.py        # appends to experiments/journal.md
 
 Run from the project root with the data pulled (`make data`) and the machine otherwise idle.
 """

@@ -5,7 +5,7 @@ A project whose git remote is a git daemon on 127.0.0.1 and whose DVC remote is 
 server behind a byte-counting TCP relay; the parent side (make_job, push_inputs) and the worker
 side (`runner.worker.execute`: clone, package check, pull, stage, push, result) run here without
 Prefect, `--repeat` times with fresh run ids (the worker's mirror and DVC cache warm after the
-first, as on a real worker). Prints and appends to benchmarks/results.md.
+first, as on a real worker). Prints and appends to experiments/journal.md.
 
     # tiny sandbox project (synthetic data, one 1-epoch model): the overhead in seconds
     PYTHONPATH=tests .venv/bin/python benchmarks/dispatch_overhead.py [--repeat 3]
@@ -41,7 +41,7 @@ from pool import start_git_daemon
 from sandbox import make_project, sh
 from team_stack import AWS_TEST_ENV, DVC_BUCKET, start_s3
 
-RESULTS = Path(__file__).with_name("results.md")
+RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "journal.md"   # common.RESULTS
 
 
 def cpu_name() -> str:
@@ -120,7 +120,7 @@ def main() -> int:
                     help="stages run in the parent before the job (its inputs)")
     ap.add_argument("-S", "--set", dest="sets", action="append", default=[],
                     metavar="KEY=VALUE", help="param override of the job (repeatable)")
-    ap.add_argument("--no-record", action="store_true", help="do not append to results.md")
+    ap.add_argument("--no-record", action="store_true", help="do not append to experiments/journal.md")
     args = ap.parse_args()
     overrides = parse_overrides(args.sets)
     base = Path(tempfile.mkdtemp(prefix="fer-dispatch-"))

@@ -6,7 +6,7 @@ the `fer` PyPI package (justinshenk/fer) on the same photo when it is importable
         [--photo P] [--requests 40]
         [--fer-package-path DIR]   # a `pip install --no-deps --target DIR fer` (optional)
 
-Results are appended to benchmarks/results.md. Run on an otherwise idle machine.
+Results are appended to experiments/journal.md. Run on an otherwise idle machine.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@
    `train_model`, plus the time outside fit (build, the one-time extraction, final metrics).
 
 Usage: python benchmarks/train_speed.py [--steps 25] [--jpeg-dir data/raw/fer2013/train]
-Appends a section to benchmarks/results.md (--results elsewhere).
+Appends a section to experiments/journal.md (--results elsewhere).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Who may import whom (README, Development): checked on the source, so a wrong-way import
+"""Who may import whom (docs/development.md): checked on the source, so a wrong-way import
 fails here instead of surfacing as a cycle or a stage that reruns for another stage's edit."""
 
 from __future__ import annotations

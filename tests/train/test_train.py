@@ -282,7 +282,8 @@ def test_cli_resumes_after_kill_from_last_finished_epoch(processed, tmp_path):
 
 def test_augmentation_compiles_on_jax_only():
     """One layer with supports_jit=False (Keras sets it on RandomTranslation/RandomZoom) makes
-    the whole JAX train step eager: 316 s instead of 1.3 s per epoch on an H200 (results.md)."""
+    the whole JAX train step eager: 316 s instead of 1.3 s per epoch on an H200
+    (experiments/journal.md, 2026-11-28)."""
     from fer_pipeline.train.augment import augmentation_layers
 
     aug = P.AugmentParams(rotation=10, width_shift=0.1, height_shift=0.1, zoom=0.1,

@@ -14,7 +14,7 @@ class RandomNoise(keras.layers.Layer):
     """Additive Gaussian sensor noise whose std is drawn per image from [0, max_std] grey
     levels, clipped to 0..255; identity at inference. Keras' GaussianNoise gives every image
     the same std, so a network trained with it never sees a clean face: at std 16 it lost 2.6 pt
-    of clean validation accuracy (benchmarks/results.md 2026-11-29 16:35-18:27)."""
+    of clean validation accuracy (experiments/journal.md 2026-11-29 16:35-18:27)."""
 
     def __init__(self, max_std: float, seed: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -129,8 +129,8 @@ class EpochLogger(keras.callbacks.Callback):
         logs = dict(logs or {})
         secs = time.perf_counter() - self._t0
         # CPU seconds of all threads: the work done, which a VM's stolen vCPU time does not
-        # inflate (wall time there snaps to a few values whatever the network; results.md
-        # 2026-12-07 03:52), so two recipes compare on it
+        # inflate (wall time there snaps to a few values whatever the network;
+        # experiments/journal.md 2026-12-07 03:52), so two recipes compare on it
         cpu = time.process_time() - self._cpu0
         lr = logs.get("learning_rate")
         if lr is None:
@@ -182,7 +182,7 @@ class EmaSwap:
     BatchNorm's moving statistics are averaged alongside (same momentum, after every step) and
     swapped with the weights: the optimizer averages only trainable variables, and averaged
     weights with the raw weights' statistics lost 1.0 pt of validation accuracy at the
-    24-epoch CPU budget (benchmarks/results.md 2026-11-29 16:35-18:27). After a resume that average
+    24-epoch CPU budget (experiments/journal.md 2026-11-29 16:35-18:27). After a resume that average
     restarts from the current statistics (it spans the last ~1/(1 - ema) steps)."""
 
     def __init__(self, momentum: float) -> None:

@@ -6,9 +6,11 @@ project's own `train_model`, on the split arrays capped per class the way the qu
 a trade-off of the profile (epochs, width, learning rate, what the transfer models train) is
 measured in minutes without running the pipeline. No MLflow; the test split is never read.
 CPU seconds sit beside wall seconds because a virtual machine's wall clock need not follow the
-work (benchmarks/results.md 2026-12-07 03:52): compare variants by CPU seconds there.
+work (experiments/journal.md, 2026-12-07 03:52): compare variants by CPU seconds there.
+`--append` also appends the row to experiments/journal.md.
 
-    python benchmarks/quick_probe.py --model custom_cnn -S models.custom_cnn.width=0.5
+    PYTHONPATH=benchmarks python experiments/quick_probe.py --model custom_cnn \
+        -S models.custom_cnn.width=0.5
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def main() -> None:
     ap.add_argument("-S", "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--processed", type=Path, default=PROCESSED_DIR)
     ap.add_argument("--label", default="", help="row label (default: the overrides)")
-    ap.add_argument("--append", action="store_true", help="also append the row to results.md")
+    ap.add_argument("--append", action="store_true", help="also append the row to experiments/journal.md")
     args = ap.parse_args()
 
     import logging

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One device run: the fifth model's ablation, CPU-budget candidates and GPU recipe, all at
 # once on one GPU with the JAX backend (each process is far too small to fill an H100/H200).
-#   bash benchmarks/fernet_gpu_run.sh OUT_DIR [SECONDS_PER_PROCESS] [extra train args...]
+#   bash experiments/fernet_gpu_run.sh OUT_DIR [SECONDS_PER_PROCESS] [extra train args...]
 # Results: OUT_DIR/results.jsonl (one line per epoch and per finished run), OUT_DIR/all.log.
-# VARIANTS="full e45" runs only the named ones. Needs benchmarks/fernet_gpu.py pack's files in .gpu/ and keras on the path.
+# VARIANTS="full e45" runs only the named ones. Run from the project root; needs
+# benchmarks/fernet_gpu.py pack's files in .gpu/ and keras on the path.
 # Training is the package's `train_model` (no MLflow), so the dtype policy is train.precision
-# (auto: mixed_float16 on a GPU); runs before this commit used mixed_bfloat16 (pass
-# -S train.precision=mixed_bfloat16 to compare).
+# (auto: mixed_float16 on a GPU); the 2026-11-28 H200 ablation (fernet_gpu_ablation_h200.jsonl)
+# ran in mixed_bfloat16 (pass -S train.precision=mixed_bfloat16 to compare).
 set -u
 out=${1:?OUT_DIR}; limit=${2:-480}; shift 2 || shift $#
 # The package from this checkout (the lent machine has no editable install).

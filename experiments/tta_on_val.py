@@ -1,9 +1,9 @@
 """Choose `evaluate.tta` on the validation split (never on test).
 
 Scores a trained model on data/processed/val.npz with each test-time augmentation mode and
-appends the table to benchmarks/results.md; the best mode is what `evaluate.tta` should say.
+appends the table to experiments/journal.md; the best mode is what `evaluate.tta` should say.
 
-    python benchmarks/tta_on_val.py --model fernet
+    PYTHONPATH=benchmarks python experiments/tta_on_val.py --model fernet
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 # One device run (2026-12-04): the study's augmented CNN (params.yaml's custom_cnn_aug, exactly)
 # beside robustness candidates of the fifth model at its full recipe, at once on one GPU with
 # the JAX backend, through benchmarks/fernet_gpu.py (the package's train_model, no MLflow).
-#   bash benchmarks/gpu_study_run.sh OUT_DIR [SECONDS_PER_PROCESS]
+#   bash experiments/gpu_study_run.sh OUT_DIR [SECONDS_PER_PROCESS]
 # Needs `python benchmarks/fernet_gpu.py pack` in .gpu/ (train and val) and keras on the path.
 # Back in OUT_DIR: results.jsonl (epochs, finals with the val corruption suite), bundles of
 # custom_cnn_aug and of the one fernet candidate `pick` chooses on validation (for

@@ -10,11 +10,15 @@ runs evaluate's corruption suite (params' `evaluate.robustness`) on N validation
 lever is judged on clean validation accuracy *and* its worst drop. Runs go to the MLflow
 experiment `fer-ablation` (`--no-mlflow`: none). The test set is never read.
 
-    python benchmarks/fernet_ablation.py --cap 1000 --epochs 8     # appends to results.md
-    python benchmarks/fernet_ablation.py --variants robust --suite 1000 --cap 1500 --epochs 8
-    python benchmarks/fernet_ablation.py --variants levers --cap 0 --epochs 24 --only '+ EMA 0.999' \
+Run from the project root with benchmarks/ on the path (for `common`); the table is appended to
+experiments/journal.md (`--results` elsewhere):
+
+    export PYTHONPATH=benchmarks
+    python experiments/fernet_ablation.py --cap 1000 --epochs 8
+    python experiments/fernet_ablation.py --variants robust --suite 1000 --cap 1500 --epochs 8
+    python experiments/fernet_ablation.py --variants levers --cap 0 --epochs 24 --only '+ EMA 0.999' \
         --score release/model.keras --suite 2000 -S models.fernet.width=0.5   # full budget
-    python benchmarks/fernet_ablation.py --variants robust --only --score a.keras b.keras --suite 2000
+    python experiments/fernet_ablation.py --variants robust --only --score a.keras b.keras --suite 2000
 """
 
 from __future__ import annotations
@@ -44,9 +48,10 @@ VARIANTS: dict[str, dict] = {
         f"{M}.optimizer": "adam", f"{M}.lr_schedule": "plateau", f"{M}.learning_rate": 1e-3,
         f"{M}.weight_decay": 0.0},
 }
-# Levers for the CPU champion (issue 14): each added alone to the recipe as set. The refit row
-# changes the data, not a param: it trains on train + one half of val (stratified, seeded) for
-# the same epochs and is scored on the other half, which every row is also scored on.
+# Levers that might raise the CPU champion's clean accuracy, each added alone to the recipe as
+# set. The refit row changes the data, not a param: it trains on train + one half of val
+# (stratified, seeded) for the same epochs and is scored on the other half, which every row is
+# also scored on.
 REFIT = "+ refit on train + val half A"
 LEVERS: dict[str, dict] = {
     "recipe as set": {},
@@ -54,19 +59,20 @@ LEVERS: dict[str, dict] = {
     "+ mixup 0.2": {f"{M}.augmentation.mixup": 0.2},
     "+ cutmix 1.0": {f"{M}.augmentation.cutmix": 1.0},
     REFIT: {},
-    # a small ensemble at about equal time (issue 14): two members at width 0.75 are 1.125x
-    # the FLOPs of one at 1.0, so the full-recipe row trains 40 epochs instead of 45
+    # a small ensemble at about the champion's training cost: two members at width 0.75 are
+    # 1.125x the FLOPs of one at 1.0, so the full-recipe row trains 40 epochs instead of 45
     "2 members x width 0.75": {f"{M}.members": 2, f"{M}.width": 0.75},
 }
-# Robustness levers (issue 15): the suite's photometric corruptions as training augmentation,
-# and per-image standardization, which makes dark/bright/contrast (affine maps of the pixels)
-# invisible to the network by construction.
+# Robustness levers, to shrink the corruption suite's worst drop without losing clean accuracy:
+# the suite's photometric corruptions as training augmentation, and per-image standardization,
+# which makes dark/bright/contrast (affine maps of the pixels) invisible to the network by
+# construction.
 A = f"{M}.augmentation"
 STD = {f"{M}.preprocessing": "standardize"}
 ROBUST: dict[str, dict] = {
     "recipe as set": {},
     # params.yaml's defaults since 2026-11-30 are standardize + noise 16: the rows below that
-    # add them were measured against this earlier recipe (results.md, 2026-11-29)
+    # add them were measured against this earlier recipe (experiments/journal.md, 2026-11-29)
     "- standardize, noise (x/255, no noise: the recipe before 2026-11-30)":
         {f"{M}.preprocessing": "rescale", f"{A}.noise": 0.0},
     "+ noise 16": {f"{A}.noise": 16.0},
@@ -82,7 +88,7 @@ ROBUST: dict[str, dict] = {
     "+ standardize, noise 16, rotation 30": {**STD, f"{A}.noise": 16.0, f"{A}.rotation": 30},
     "+ standardize, noise 16, blur 0.5": {**STD, f"{A}.noise": 16.0, f"{A}.blur": 0.5},
     # on params.yaml's recipe since 2026-11-30 (standardize + noise 16): rotation and blur
-    # together (the full-recipe row: results.md 2026-12-04), and the same with the head's
+    # together (the full-recipe row: journal.md 2026-12-04), and the same with the head's
     # dropout off, to give back the capacity the stronger augmentation takes
     "+ rotation 20, blur 0.5": {f"{A}.rotation": 20, f"{A}.blur": 0.5},
     "+ rotation 20, blur 0.5, dropout 0": {f"{A}.rotation": 20, f"{A}.blur": 0.5,

@@ -1,7 +1,8 @@
 """Screenshot of `fer serve`'s page classifying a photo with the bundled release, as a new user
 sees it on a fresh clone (no tracking store: the release answers).
 
-    PYTHONPATH=tests python benchmarks/page_screenshot.py [--out docs/images/fer-serve-page.png] [--photo P]
+    PYTHONPATH=benchmarks:tests python experiments/page_screenshot.py \
+        [--out docs/images/fer-serve-page.png] [--photo P]
 
 Needs Debian's chromium + chromium-driver (as the browser test). The default photo puts the two
 test faces (happy, surprise) side by side, upscaled, on a plain background.

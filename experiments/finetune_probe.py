@@ -1,6 +1,7 @@
 """Fine-tune a trained fernet with another recipe, then blend it with where it started
 (WiSE-FT), and score every result on validation: a robustness lever that starts from the
-champion instead of paying a full training for each try (issue 15).
+champion instead of paying a full training for each try (every robustness lever trained from
+scratch at the full recipe cost clean accuracy).
 
 The fine-tune is the project's own `train_model` on params.yaml's recipe plus `-S` overrides
 (e.g. fewer epochs, a lower learning rate, stronger augmentation, distillation); the one thing
@@ -10,9 +11,10 @@ are computed first with `teach_model`, into the workspace. `--wise A ...` then w
 weight-space blends (1 - A) * init + A * fine-tuned (every float weight, batch-norm statistics
 included; Wortsman et al. 2022) and `fernet_ablation.py --score` scores the fine-tuned model
 and the blends on the validation split with the corruption suite, appending its table to
-`--results`. The test set is never read; in the checkout only `--results` is written.
+`--results` (default: experiments/journal.md). The test set is never read; in the checkout
+only `--results` is written. Run from the project root with benchmarks/ on the path:
 
-    python benchmarks/finetune_probe.py -S models.fernet.epochs=10 \
+    PYTHONPATH=benchmarks python experiments/finetune_probe.py -S models.fernet.epochs=10 \
         -S models.fernet.learning_rate=0.0005 -S models.fernet.warmup_epochs=0 \
         -S models.fernet.augmentation.rotation=30 --wise 0.3 0.5 --suite 2000
 """

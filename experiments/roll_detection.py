@@ -9,7 +9,7 @@ params' angles. A face counts as found when a box lies on the canvas centre at f
 end-to-end accuracy counts a missed face as wrong. Validation images only (the test split is
 evaluate's).
 
-    python benchmarks/roll_detection.py --n 1000          # appends to benchmarks/results.md
+    PYTHONPATH=benchmarks python experiments/roll_detection.py --n 1000   # appends to experiments/journal.md
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def main() -> None:
     args = ap.parse_args()
     body = run(args)
     print(common.append_results("faces rolled in the photo: `fer predict` with and without the "
-                                "roll search (issue 15)", body, results=args.results))
+                                "roll search", body, results=args.results))
 
 
 if __name__ == "__main__":
