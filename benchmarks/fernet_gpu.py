@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import lzma
 import os
@@ -247,6 +246,7 @@ def import_bundle(args: argparse.Namespace) -> None:
     so `dvc commit train@NAME` records it. Refuses a bundle trained with overrides (DVC's lock
     would claim params.yaml's recipe for it) or on other data than data/processed."""
     from fer_pipeline import io
+    from fer_pipeline import params as P
     from fer_pipeline.arrays import PROCESSED_DIR, load_split, split_path
     from fer_pipeline.backend import select
     from fer_pipeline.train.artifacts import save_model
@@ -276,8 +276,8 @@ def import_bundle(args: argparse.Namespace) -> None:
             "n_train": metrics["train_images"], "n_val": len(val),
             "classes": ",".join(val.classes), "backend": final["backend"]}
     run = MlflowRun(p.mlflow)
-    with run.start(None, info, files, {"model": dataclasses.asdict(mp),
-                                       "train": dataclasses.asdict(tp)}):
+    with run.start(None, info, files, {"model": P.to_dict(mp),
+                                       "train": P.to_dict(tp)}):
         for i in range(len(rows)):
             run.log_epoch(rows[: i + 1])
         run.log_result(metrics, rows, f"{name} ({mp.arch}, pretrained={info['pretrained']})",

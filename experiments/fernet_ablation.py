@@ -24,7 +24,6 @@ experiments/journal.md (`--results` elsewhere):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import tempfile
 import time
@@ -166,7 +165,7 @@ def main() -> None:
             data = tmp / "refit"
             save_split(split_path(data, "train"), concat(train, common.subset(val, half_a)))
             save_split(split_path(data, "val"), common.subset(val, half_b))
-        mlflow = None if args.no_mlflow else dataclasses.replace(p.mlflow, experiment="fer-ablation")
+        mlflow = None if args.no_mlflow else p.mlflow.model_copy(update={"experiment": "fer-ablation"})
         res = train_model("fernet_ablation", p.model("fernet"), p.train, mlflow, processed_dir=data,
                           models_dir=data / "models", reports_dir=data / "reports",
                           state_dir=data / "state")
