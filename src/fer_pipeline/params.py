@@ -283,6 +283,9 @@ class CustomCNNParams(ModelParams):
 
     arch: Literal["custom_cnn"]
     conv_filters: list[int] = [32, 64, 128, 512]
+    dense_bn: bool = False
+    """BatchNormalization between each dense layer and its ReLU (the dense layer then has no
+    bias): Adam's steps on an 18,432-wide flatten no longer saturate the units."""
 
 
 class FerNetParams(ModelParams):

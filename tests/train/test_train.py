@@ -381,6 +381,10 @@ def test_bn_momentum_and_feature_norm_reach_the_layers():
     assert "feature_norm" in [la.name for la in build_model(normed, 7).head.layers]
     with pytest.raises(ParamsError, match="bn_momentum"):
         P.model_params(arch="custom_cnn", bn_momentum=1.0)
+    dense_bn = build_model(P.model_params(arch="custom_cnn", width=0.125, bn_momentum=0.9,
+                                          dense_bn=True), 7).model
+    assert dense_bn.get_layer("dense_bn1").momentum == 0.9
+    assert not dense_bn.get_layer("dense1").use_bias   # the BatchNormalization's beta is it
 
 
 def test_standardize_makes_the_model_blind_to_brightness_and_contrast(tmp_path):

@@ -116,7 +116,13 @@ def build_custom_cnn(mp: ModelParams, num_classes: int, image_size: int = 48,
             x = keras.layers.Dropout(0.25, name=f"drop{i + 1}")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     for i, u in enumerate(mp.dense_units):
-        x = keras.layers.Dense(mp.scaled(u), activation="relu", name=f"dense{i + 1}")(x)
+        if mp.dense_bn:
+            x = keras.layers.Dense(mp.scaled(u), use_bias=False, name=f"dense{i + 1}")(x)
+            x = keras.layers.BatchNormalization(momentum=mp.bn_momentum,
+                                                name=f"dense_bn{i + 1}")(x)
+            x = keras.layers.Activation("relu", name=f"dense_relu{i + 1}")(x)
+        else:
+            x = keras.layers.Dense(mp.scaled(u), activation="relu", name=f"dense{i + 1}")(x)
         x = keras.layers.Dropout(mp.dropout, name=f"dense_drop{i + 1}")(x)
     out = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
                              name="predictions")(x)
