@@ -39,6 +39,7 @@ from fer_pipeline.artifacts.release import (
     ROBUSTNESS_PREFIX,
     CleanFacts,
     DataFacts,
+    Detection,
     InputSpec,
     Preprocessing,
     ReleaseCalibration,
@@ -161,12 +162,10 @@ def _card_facts(trained: TrainMetrics | None, preprocessing: str | None, weights
                 predict: PredictParams, cm: np.ndarray | None, root: Path) -> dict[str, Any]:
     """The manifest's facts that only the model card uses: how the model was made (pretrained
     or not, preprocessing), what face detection handles, the confusion counts, the data notes."""
-    from fer_pipeline.predict import detection
-
     pretrained = trained.pretrained if trained is not None else None
     return {"pretrained": pretrained, "pretrained_weights": weights if pretrained else None,
             "preprocessing": Preprocessing(preprocessing) if preprocessing else None,
-            "detection": detection(predict),
+            "detection": Detection.haar(predict.roll_angles),
             "confusion": cm.tolist() if cm is not None else None, "data": _data_facts(root)}
 
 
@@ -335,7 +334,7 @@ def _angles(angles: list[float]) -> str:
 def _origin(man: ReleaseManifest) -> str:
     """How training started, as the training metrics recorded it."""
     if man.pretrained is None:
-        return "whether from pretrained weights was not recorded"
+        return "its starting weights (pretrained or not) were not recorded"
     if not man.pretrained:
         return "from scratch (no pretrained weights)"
     weights = man.pretrained_weights or "unnamed"

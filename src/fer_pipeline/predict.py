@@ -39,15 +39,13 @@ from fer_pipeline.artifacts.answers import (
     Mode,
     PredictReport,
 )
-from fer_pipeline.artifacts.release import Detection
+from fer_pipeline.artifacts.release import CASCADE_FILE, MIN_FACE_FRACTION, MIN_FACE_PX
 from fer_pipeline.errors import FerError
 from fer_pipeline.io import atomic_path
 from fer_pipeline.params import MlflowParams, PredictParams, RegistryParams
 from fer_pipeline.tracking import check_reachable, resolve_tracking_uri
 
 FACE_SIZE = 48
-CASCADE_FILE = "haarcascade_frontalface_default.xml"   # OpenCV's bundled frontal-face cascade
-MIN_FACE_PX, MIN_FACE_FRACTION = 24, 12    # smallest face searched: max(24 px, side / 12)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 # What Keras raises for a file it cannot read as a model (not a zip, foreign content).
 KERAS_LOAD_ERRORS = (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile)
@@ -387,16 +385,6 @@ def detect_faces(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
                                       minSize=(min_size, min_size))
     boxes = [tuple(int(v) for v in b) for b in (boxes if len(boxes) else [])]
     return drop_nested(sorted(boxes, key=lambda b: -b[2] * b[3]))
-
-
-def detection(limits: PredictParams) -> Detection:
-    """What face detection does with these params, as the release manifest (and so the model
-    card) states it."""
-    return Detection(detector=f"OpenCV's Haar frontal-face cascade ({CASCADE_FILE}), upright "
-                              f"pass first", min_face_side=f"max({MIN_FACE_PX} px, 1/"
-                                                          f"{MIN_FACE_FRACTION} of the shorter "
-                                                          f"image side)",
-                     roll_angles=list(limits.roll_angles))
 
 
 def drop_nested(boxes: list[tuple[int, int, int, int]], inside: float = 0.6

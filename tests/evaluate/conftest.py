@@ -141,3 +141,22 @@ def eval_params():
 def run_evaluate():
     """run_evaluate(params_path, names=..., register=..., log_mlflow=...) -> EvaluationResult."""
     return _run_evaluate
+
+
+_RELEASED: dict[str, tuple] = {}
+
+
+@pytest.fixture
+def released(trained_project, eval_params, run_evaluate, tmp_path_factory):
+    """The tiny project evaluated (champion `small`), then `fer export` (once per session):
+    (project root, its params.yaml, the release folder)."""
+    from fer_pipeline.cli import main
+
+    if "r" not in _RELEASED:
+        root, _ = trained_project
+        params = eval_params(root, ["small", "big"], "fer-emotion-export", tta="flip")
+        run_evaluate(params)
+        out = tmp_path_factory.mktemp("rel") / "release"
+        assert main(["--params", str(params), "export", "--out", str(out)]) == 0
+        _RELEASED["r"] = (root, params, out)
+    return _RELEASED["r"]

@@ -37,6 +37,11 @@ class InputSpec(Artifact):
     faces: str
 
 
+# Face detection's fixed parts: fer_pipeline.predict detects with them, the manifest states them.
+CASCADE_FILE = "haarcascade_frontalface_default.xml"   # OpenCV's bundled frontal-face cascade
+MIN_FACE_PX, MIN_FACE_FRACTION = 24, 12    # smallest face searched: max(24 px, side / 12)
+
+
 class Detection(Artifact):
     """What `fer predict` and `fer serve` do to find faces in a photo (params predict.*)."""
 
@@ -45,6 +50,14 @@ class Detection(Artifact):
     roll_angles: list[float] = Field(description="degrees the photo is turned by for a second "
                                                  "search when the upright pass finds no face "
                                                  "([]: tilted faces are not searched)")
+
+    @classmethod
+    def haar(cls, roll_angles: list[float]) -> Detection:
+        """Detection as fer_pipeline.predict does it, with these roll angles."""
+        return cls(detector=f"OpenCV's Haar frontal-face cascade ({CASCADE_FILE}), upright "
+                            f"pass first",
+                   min_face_side=f"max({MIN_FACE_PX} px, 1/{MIN_FACE_FRACTION} of the shorter "
+                                 f"image side)", roll_angles=list(roll_angles))
 
 
 class TrainingFacts(Artifact):

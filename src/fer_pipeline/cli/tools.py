@@ -276,12 +276,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "release in --out, without exporting the model again")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("schemas", help="write the JSON Schemas of the artifacts and answers "
-                                       "(docs/schemas/)")
-    p.add_argument("--out", default="docs/schemas", help="folder (default: %(default)s)")
-    p.add_argument("--check", action="store_true",
-                   help="write nothing; exit 1 when the files there are not current")
-    p.set_defaults(func=_schemas)
 
     p = sub.add_parser("run", help="run the pipeline in a copy of the checkout, recorded as a "
                                    "DVC experiment, optionally with a profile")
@@ -303,3 +297,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="start on a machine without a GPU (trainings on CPU); "
                         "or FER_WORKER_ALLOW_NO_GPU=1")
     p.set_defaults(func=_worker)
+
+    p = sub.add_parser("schemas", help="write the JSON Schemas of the artifacts and answers "
+                                       "(docs/schemas/)")
+    p.add_argument("--out", default="docs/schemas", help="folder (default: %(default)s)")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 when the files there are not current")
+    p.set_defaults(func=_schemas)

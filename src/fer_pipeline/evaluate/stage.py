@@ -105,21 +105,58 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
     """
     from fer_pipeline.arrays import load_split
     from fer_pipeline.champion import choose_champion
-    from fer_pipeline.corruptions import CORRUPTIONS
     from fer_pipeline.evaluate.scorers import score_model
-    from fer_pipeline.keras_mlflow import model_in_store
+
+    register = registry.enabled if register is None else register
+    train_reports, models_dir = Path(train.reports_dir), Path(train.models_dir)
+    found, skipped = select_models(models, models_dir, names)
+    trained, stale, val_md5 = _check_inputs(found, train_reports, evaluate)
+    mlflow_info, to_import = _tracking(found, train_reports, mlflow, log_mlflow or register)
+    test = load_split(evaluate.test_path)
+    val = load_split(evaluate.val_path) if evaluate.calibrate else None
+    import keras
+
+    log.info("Keras backend: %s", keras.backend.backend())
+    out = Path(evaluate.reports_dir)
+    # Every file goes to a staging folder that replaces reports/evaluate only when all is
+    # written: a failure (a model that does not load, a registry error) leaves the old reports.
+    with staged_dir(out) as work:
+        scored: dict[str, dict[str, Any]] = {}      # name -> metrics.json values, by the scorers
+        run_ids: dict[str, str | None] = {}
+        for i, name in enumerate(found, 1):
+            model = _load(name, models_dir, test.classes, i, len(found), test, val, evaluate)
+            if name in to_import:
+                mlflow_info[name] = _imported(name, model, models_dir, test, mlflow_info[name])
+            scores = score_model(name, model, test, val, evaluate, trained[name],
+                                 train_reports / name / "history.csv")
+            del model
+            keras.backend.clear_session()
+            scored[name], run_ids[name] = _keep(name, scores, work, evaluate, log_mlflow,
+                                                mlflow_info[name].get("run_id"))
+
+        champion = choose_champion({n: scored[n] for n in found if n not in stale})
+        reports = {n: ModelReport(n, mlflow_info[n].get("arch", models[n].arch),
+                                  models[n].summary(), ModelEvaluation.parse(
+                                      {**scored[n], "stale": n in stale, "champion": n == champion},
+                                      f"metrics of {n}"), run_ids[n])
+                   for n in found}
+        outcome = _register(registry, register, champion, mlflow_info, reports, test.classes,
+                            val_md5, evaluate, names, promote)
+        _write_reports(work, reports, champion, outcome, val_md5, stale, evaluate, registry)
+    log.info("champion: %s; comparison in %s", champion, out / "comparison.md")
+    return EvaluationResult(reports, champion, outcome, out, skipped)
+
+
+def _check_inputs(found: list[str], train_reports: Path, evaluate: EvaluateParams
+                  ) -> tuple[dict[str, TrainMetrics], list[str], str]:
+    """Cheap checks before any model loads: the params' corruptions, every model's training
+    metrics, the val split. (training metrics, stale models, the val split's md5)."""
+    from fer_pipeline.corruptions import CORRUPTIONS
 
     unknown = [c for c in evaluate.robustness.corruptions if c not in CORRUPTIONS]
     if evaluate.robustness.enabled and unknown:
         raise ParamsError(f"evaluate.robustness.corruptions: unknown {', '.join(unknown)} "
                           f"(known: {', '.join(CORRUPTIONS)})")
-    register = registry.enabled if register is None else register
-    train_reports = Path(train.reports_dir)
-    models_dir = Path(train.models_dir)
-    found, skipped = select_models(models, models_dir, names)
-    out = Path(evaluate.reports_dir)
-
-    # Cheap checks first: training reports of every model, tracking store reachable.
     trained = {n: TrainMetrics.read(train_reports / n / "metrics.json",
                                     f"training metrics of {n}: run `dvc repro train@{n}` first")
                for n in found}
@@ -131,55 +168,35 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
     for n in stale:
         log.warning("%s was validated on other data than %s: reported as stale, not ranked. "
                     "Run `dvc repro train@%s`.", n, evaluate.val_path, n)
-    mlflow_info = {n: (json.loads(p.read_text()) if (p := train_reports / n / "mlflow.json").is_file()
-                       else {}) for n in found}
-    to_import: set[str] = set()
-    if log_mlflow or register:
-        uri = setup_tracking(mlflow.tracking_uri, mlflow.experiment, mlflow.probe_timeout_s)
-        log.info("MLflow tracking: %s", uri)
-        # A model logged into another store (pulled with DVC into a fresh clone): its local
-        # file is logged here instead, so it can be evaluated, registered and served.
-        to_import = {n for n in found if mlflow_info[n].get("model_uri")
-                     and not model_in_store(mlflow_info[n]["model_uri"])}
+    return trained, stale, val_md5
 
-    test = load_split(evaluate.test_path)
-    val = load_split(evaluate.val_path) if evaluate.calibrate else None
-    import keras
 
-    log.info("Keras backend: %s", keras.backend.backend())
-    # Every file goes to a staging folder that replaces reports/evaluate only when all is
-    # written: a failure (a model that does not load, a registry error) leaves the old reports.
-    with staged_dir(out) as work:
-        scored: dict[str, dict[str, Any]] = {}      # name -> metrics.json values, by the scorers
-        run_ids: dict[str, str | None] = {}
-        for i, name in enumerate(found, 1):
-            model = _load(name, models_dir, test.classes, i, len(found), test, val, evaluate)
-            if name in to_import:
-                from fer_pipeline.evaluate.registry import import_local_model
+def _tracking(found: list[str], train_reports: Path, mlflow: MlflowParams, needed: bool
+              ) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """Each model's MLflow facts from training (reports/train/<name>/mlflow.json) and, with a
+    tracking store needed, the store checked and the models whose logged model is not in it."""
+    from fer_pipeline.keras_mlflow import model_in_store
 
-                run_id, model_uri = import_local_model(name, model, models_dir / name / "model.keras",
-                                                       test.x[:4], mlflow_info[name])
-                mlflow_info[name] = {**mlflow_info[name], "run_id": run_id, "model_uri": model_uri,
-                                     "imported": True}
-            scores = score_model(name, model, test, val, evaluate, trained[name],
-                                 train_reports / name / "history.csv")
-            del model
-            keras.backend.clear_session()
-            scored[name], run_ids[name] = _keep(name, scores, work, evaluate, log_mlflow,
-                                                mlflow_info[name].get("run_id"))
+    info = {n: (json.loads(p.read_text()) if (p := train_reports / n / "mlflow.json").is_file()
+                else {}) for n in found}
+    if not needed:
+        return info, set()
+    uri = setup_tracking(mlflow.tracking_uri, mlflow.experiment, mlflow.probe_timeout_s)
+    log.info("MLflow tracking: %s", uri)
+    # A model logged into another store (pulled with DVC into a fresh clone): its local file is
+    # logged here instead, so it can be evaluated, registered and served.
+    return info, {n for n in found if info[n].get("model_uri")
+                  and not model_in_store(info[n]["model_uri"])}
 
-        champion = choose_champion({n: scored[n] for n in found if n not in stale})
-        evaluations = {n: ModelEvaluation.parse({**scored[n], "stale": n in stale,
-                                                 "champion": n == champion}, f"metrics of {n}")
-                       for n in found}
-        reports = {n: ModelReport(n, mlflow_info[n].get("arch", models[n].arch),
-                                  models[n].summary(), evaluations[n], run_ids[n])
-                   for n in found}
-        outcome = _register(registry, register, champion, mlflow_info, evaluations,
-                            test.classes, val_md5, evaluate, names, promote)
-        _write_reports(work, reports, champion, outcome, val_md5, stale, evaluate, registry)
-    log.info("champion: %s; comparison in %s", champion, out / "comparison.md")
-    return EvaluationResult(reports, champion, outcome, out, skipped)
+
+def _imported(name: str, model: Any, models_dir: Path, test: Any,
+              info: dict[str, Any]) -> dict[str, Any]:
+    """`info` once the model's local file is logged into the current store."""
+    from fer_pipeline.evaluate.registry import import_local_model
+
+    run_id, model_uri = import_local_model(name, model, models_dir / name / "model.keras",
+                                           test.x[:4], info)
+    return {**info, "run_id": run_id, "model_uri": model_uri, "imported": True}
 
 
 def _load(name: str, models_dir: Path, classes: list[str], i: int, n: int, test: Any,
@@ -211,6 +228,8 @@ def _keep(name: str, scores: list[Score], work: Path, evaluate: EvaluateParams,
     from fer_pipeline.evaluate.scorers import AccuracyScore
 
     values = {k: v for s in scores for k, v in s.metrics.items()}
+    # A scorer's key that METRICS does not declare fails now, not after every model is scored.
+    ModelEvaluation.parse({**values, "stale": False, "champion": False}, f"metrics of {name}")
     figures = {kind: fig for s in scores for kind, fig in s.figures.items()}
     for s in scores:
         for folder, write in s.files.items():
@@ -228,7 +247,7 @@ def _keep(name: str, scores: list[Score], work: Path, evaluate: EvaluateParams,
 
 
 def _register(registry: RegistryParams, register: bool, champion: str | None,
-              mlflow_info: dict[str, dict[str, Any]], evaluations: dict[str, Any],
+              mlflow_info: dict[str, dict[str, Any]], reports: dict[str, ModelReport],
               classes: list[str], val_md5: str, evaluate: EvaluateParams,
               names: list[str] | None, promote: bool | None) -> RegistryOutcome | None:
     """Register the champion and let the promotion policy decide; None when not asked to or
@@ -242,7 +261,7 @@ def _register(registry: RegistryParams, register: bool, champion: str | None,
         log.warning("champion %s has no logged MLflow model (mlflow.log_model was false): "
                     "not registered", champion)
         return None
-    ev = evaluations[champion]
+    ev = reports[champion].metrics
     asked = promote if promote is not None else registry.promote and not names
     not_asked = ("a --model subset was evaluated (pass --promote to allow it)" if names
                  else "registry.promote is false (pass --promote to allow it)")
