@@ -54,8 +54,7 @@ class Detection(Artifact):
     @classmethod
     def haar(cls, roll_angles: list[float]) -> Detection:
         """Detection as fer_pipeline.predict does it, with these roll angles."""
-        return cls(detector=f"OpenCV's Haar frontal-face cascade ({CASCADE_FILE}), upright "
-                            f"pass first",
+        return cls(detector=f"OpenCV's {CASCADE_FILE}, on the upright photo first",
                    min_face_side=f"max({MIN_FACE_PX} px, 1/{MIN_FACE_FRACTION} of the shorter "
                                  f"image side)", roll_angles=list(roll_angles))
 
