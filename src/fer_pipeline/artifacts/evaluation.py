@@ -31,7 +31,7 @@ class Unit(StrEnum):
     INT = "int"
     COUNT = "count"          # with thousands separators
     FRACTION = "fraction"    # a share in 0..1 (accuracy, ECE): the card shows a percentage
-    SCORE = "score"          # 0..1 but not a share (F1)
+    SCORE = "score"          # not a share (F1, NLL): the card shows 3 decimals
     SECONDS = "seconds"
     RATE = "rate"            # per second
     FACTOR = "factor"        # a scale (the temperature)
@@ -266,6 +266,8 @@ class MetricFields(Artifact):
 
 
 def _field(m: Metric) -> tuple[Any, Any]:
+    """(type, default) of a metric's field: a scorer that params can switch off gives optional
+    fields (absent when off); a nullable one may be null."""
     tp = _TYPES.get(m.unit, float)
     if m.nullable:
         tp = tp | None
