@@ -12,7 +12,7 @@ PKG = ROOT / "src" / "fer_pipeline"
 # Base modules: errors, params, shared helpers. They import nothing but each other.
 BASE = {"errors", "params", "io", "arrays", "tracking", "keras_mlflow", "plots", "champion",
         "synthetic", "profiles", "tta", "release", "calibration",
-        "corruptions", "backend", "soft_labels"}
+        "corruptions", "backend", "soft_labels", "artifacts", "templates"}
 STAGES = {"data", "teach", "train", "evaluate", "predict", "export"}   # each: base + its own only
 RUNNER = {"runner"}                      # base + each other (they shell out to `dvc`, git)
 APPS = {"serve": {"predict"}, "web": set(),        # predict over HTTP: base + predict

@@ -10,6 +10,9 @@ for inference without TensorFlow; the ONNX file is checked against the Keras mod
 test image (top-1 must agree, probabilities within ONNX_TOLERANCE) or the export fails. A
 model trained under a mixed policy (bf16 CPUs, GPUs) is released as a float32 copy of its
 weights; how closely it agrees with the model as trained is recorded in the manifest.
+The manifest (fer_pipeline.artifacts.release.ReleaseManifest) holds every fact the model card
+states; the card is rendered from it alone (templates/model_card.md.j2), and `fer export
+--card-only` re-renders it for a committed release without re-exporting the model.
 See fer_pipeline.release for the layout and who reads it.
 """
 
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -26,118 +28,186 @@ from typing import Any
 import numpy as np
 
 from fer_pipeline import params as P
+from fer_pipeline.artifacts.evaluation import (
+    ChampionRecord,
+    EvaluationMetrics,
+    Unit,
+    card_columns,
+    release_metrics,
+)
+from fer_pipeline.artifacts.release import (
+    ROBUSTNESS_PREFIX,
+    CleanFacts,
+    DataFacts,
+    Detection,
+    InputSpec,
+    Preprocessing,
+    ReleaseCalibration,
+    ReleaseManifest,
+    ReleaseRobustness,
+    TrainingFacts,
+)
+from fer_pipeline.artifacts.train import TrainMetrics
 from fer_pipeline.errors import FerError, MissingInputError
-from fer_pipeline.io import md5_file, staged_dir, write_json, write_text
-from fer_pipeline.params import EvaluateParams, ModelParams, RegistryParams, TrainParams
-from fer_pipeline.release import MANIFEST, MODEL_FILE, ONNX_FILE, onnx_session
+from fer_pipeline.io import md5_file, staged_dir, write_text
+from fer_pipeline.params import EvaluateParams, ModelParams, PredictParams, RegistryParams, TrainParams
+from fer_pipeline.release import MANIFEST, MODEL_FILE, ONNX_FILE, onnx_session, read_release
 from fer_pipeline.tracking import data_hashes, git_commit
 
 log = logging.getLogger(__name__)
 ONNX_TOLERANCE = 1e-4      # max |p_onnx - p_keras| over the test set (float32 reorderings: ~1e-6)
 ONNX_OPSET = 17
-
-METRIC_KEYS = ("val_accuracy", "test_accuracy", "test_accuracy_public", "test_accuracy_private",
-               "test_accuracy_clean", "test_macro_f1", "test_weighted_f1", "test_top2_accuracy",
-               "test_n", "test_n_clean", "images_per_second")
-
-
-def _json(path: Path, hint: str) -> Any:
-    if not path.is_file():
-        raise MissingInputError(f"{path} not found: {hint}")
-    return json.loads(path.read_text())
+CARD = "MODEL_CARD.md"
+INPUT = InputSpec(shape=[None, 48, 48, 1], dtype="float32",
+                  pixels="raw grayscale 0..255 (scaling is inside the model)",
+                  faces="OpenCV Haar frontal-face cascade; each box cropped, resized to 48x48 "
+                        "(INTER_AREA down, INTER_CUBIC up)")
 
 
 def champion_name(evaluate: EvaluateParams) -> str:
     """The model the registry's champion alias points at, as the last evaluate recorded it."""
-    info = _json(Path(evaluate.reports_dir) / "champion.json", "run `dvc repro evaluate` first")
-    registry = info.get("registry") or {}
-    if info.get("decision") in ("kept", "not_asked"):
-        before = registry.get("champion_before") or {}
-        if before.get("model"):
-            return str(before["model"])
-    if not info.get("champion"):
+    record = ChampionRecord.read(Path(evaluate.reports_dir) / "champion.json",
+                                 "run `dvc repro evaluate` first")
+    name = record.alias_holder()
+    if not name:
         raise FerError("the last evaluate chose no champion (reports/evaluate/champion.json)")
-    return str(info["champion"])
+    return name
 
 
 def export_release(models: dict[str, ModelParams], train: TrainParams, evaluate: EvaluateParams,
                    registry: RegistryParams, out_dir: str | Path = "release",
-                   name: str | None = None, root: str | Path = ".") -> Path:
+                   name: str | None = None, root: str | Path = ".",
+                   predict: PredictParams | None = None) -> Path:
     """Write the bundle; `root` is the project (its reports/clean and reports/split describe the
-    data in the model card)."""
+    data in the model card); `predict` says what face detection does (the card states it)."""
     import keras
 
     name = name or champion_name(evaluate)
     if name not in models:
         raise FerError(f"no models.{name} in params (have: {', '.join(models)})")
     ev = Path(evaluate.reports_dir)
-    metrics_all = _json(ev / "metrics.json", "run `dvc repro evaluate` first")
-    if name not in metrics_all:
+    evaluations = EvaluationMetrics.read(ev / "metrics.json", "run `dvc repro evaluate` first")
+    if name not in evaluations:
         raise FerError(f"{name} is not in {ev / 'metrics.json'}: evaluate it first "
                        f"(`fer evaluate --model {name}`)")
-    m = metrics_all[name]
-    if m.get("stale"):
+    m = evaluations[name]
+    if m.stale:
         raise FerError(f"{name} was validated on other data than {evaluate.val_path} (stale): "
                        f"retrain it (`dvc repro train@{name}`) before releasing it")
     model_path = Path(train.models_dir) / name / "model.keras"
     if not model_path.is_file():
         raise MissingInputError(f"{model_path} not found: `dvc pull` or `dvc repro train@{name}`")
-    champ = json.loads((ev / "champion.json").read_text())
-    version = (champ.get("registry") or {}).get("version") if champ.get("champion") == name \
-        else ((champ.get("registry") or {}).get("champion_before") or {}).get("version")
-    train_metrics = _json(Path(train.reports_dir) / name / "metrics.json",
-                          f"run `dvc repro train@{name}`")
-    classes = _classes(ev, name, metrics_all)
+    version = ChampionRecord.read(ev / "champion.json").version_of(name)
+    trained = TrainMetrics.read(Path(train.reports_dir) / name / "metrics.json",
+                                f"run `dvc repro train@{name}`")
+    if not m.per_class:
+        raise FerError(f"{ev / 'metrics.json'} has no per-class metrics for {name}")
+    classes = list(m.per_class)
+    mp = models[name]
 
     out = Path(out_dir)
     with staged_dir(out) as work:
-        trained = keras.saving.load_model(model_path, compile=False)
-        model = as_float32(trained)
+        trained_model = keras.saving.load_model(model_path, compile=False)
+        model = as_float32(trained_model)
         model.save(work / MODEL_FILE)            # no optimizer state: smaller, inference only
         onnx = export_onnx(model, work / ONNX_FILE, Path(evaluate.test_path))
-        if model is not trained:
-            onnx["from_mixed_precision"] = agreement(trained, model, Path(evaluate.test_path))
+        if model is not trained_model:
+            onnx["from_mixed_precision"] = agreement(trained_model, model, Path(evaluate.test_path))
         cm = _confusion(ev / "confusion" / f"{name}.csv", classes)
-        manifest = {
-            "name": registry.model_name, "model": name, "arch": models[name].arch,
-            "registered_version": version, "exported_at": dt.datetime.now(dt.UTC).isoformat(
-                timespec="seconds"),
-            "git_commit": git_commit(), "keras": keras.__version__,
-            "classes": classes,
-            "input": {"shape": [None, 48, 48, 1], "dtype": "float32",
-                      "pixels": "raw grayscale 0..255 (scaling is inside the model)",
-                      "faces": "OpenCV Haar frontal-face cascade; each box cropped, resized to "
-                               "48x48 (INTER_AREA down, INTER_CUBIC up)"},
-            "tta": evaluate.tta,
-            "metrics": {k: m.get(k) for k in METRIC_KEYS if k in m},
-            "per_class": m.get("per_class"),
-            "training": {k: train_metrics.get(k) for k in ("epochs_run", "best_epoch",
-                                                           "train_seconds", "trainable_params")},
-            "data_md5": data_hashes([evaluate.val_path, evaluate.test_path]),
-            "data_md5_train": train_metrics.get("data_md5_train"),
-            "recipe": P.to_dict(models[name]),
-            "trainable_params": int(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
-            "model_md5": md5_file(work / MODEL_FILE),
-            "model_bytes": (work / MODEL_FILE).stat().st_size,
-            "onnx": onnx,
-            "calibration": ({"temperature": m["temperature"], "fitted_on": "validation",
-                             "tta": evaluate.tta, "bins": 15,
-                             **{k: m.get(k) for k in ("test_ece", "test_ece_calibrated",
-                                                      "test_nll", "test_nll_calibrated")}}
-                            if m.get("temperature") else None),
-            "robustness": ({k[len("robust_"):]: v for k, v in m.items() if k.startswith("robust_")}
-                           if "robust_mean_accuracy" in m else None),
-        }
-        write_json(work / MANIFEST, manifest)
+        man = ReleaseManifest(
+            name=registry.model_name, model=name, arch=mp.arch, registered_version=version,
+            exported_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            git_commit=git_commit(), keras=keras.__version__, classes=classes, input=INPUT,
+            tta=evaluate.tta, metrics=release_metrics(m), per_class=m.per_class,
+            training=TrainingFacts(epochs_run=trained.epochs_run, best_epoch=trained.best_epoch,
+                                   train_seconds=trained.train_seconds,
+                                   trainable_params=trained.trainable_params),
+            data_md5=data_hashes([evaluate.val_path, evaluate.test_path]),
+            data_md5_train=trained.data_md5_train, recipe=P.to_dict(mp),
+            trainable_params=int(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
+            model_md5=md5_file(work / MODEL_FILE), model_bytes=(work / MODEL_FILE).stat().st_size,
+            onnx=onnx, calibration=_calibration(m, evaluate.tta), robustness=_robustness(m),
+            **_card_facts(trained, mp.preprocessing, mp.weights if mp.is_transfer else None,
+                          predict or PredictParams(), cm, Path(root)))
+        man.write(work / MANIFEST)
         for kind, dest in (("confusion_normalized", "confusion.png"),
                            ("reliability", "reliability.png")):
             png = ev / "images" / f"{name}_{kind}.png"
             if png.is_file():
                 shutil.copyfile(png, work / dest)
-        write_text(work / "MODEL_CARD.md", model_card(manifest, cm, _data_notes(Path(root))))
+        write_text(work / CARD, model_card(man))
     log.info("released %s (v%s) to %s: %s, %.1f MB", name, version, out, MODEL_FILE,
-             manifest["model_bytes"] / 1e6)
+             man.model_bytes / 1e6)
     return out
+
+
+def _calibration(m: Any, tta: str) -> ReleaseCalibration | None:
+    if not m.temperature:
+        return None
+    return ReleaseCalibration(temperature=m.temperature, fitted_on="validation", tta=tta, bins=15,
+                              **{k: m.value(k) for k in ("test_ece", "test_ece_calibrated",
+                                                         "test_nll", "test_nll_calibrated")})
+
+
+def _robustness(m: Any) -> Any:
+    """The suite's metrics without their prefix (corruptions in the order they were run)."""
+    if m.robust_mean_accuracy is None:
+        return None
+    values = {k[len(ROBUSTNESS_PREFIX):]: v for k, v in m.to_data().items()
+              if k.startswith(ROBUSTNESS_PREFIX)}
+    return ReleaseRobustness.parse(values, "robustness")
+
+
+def _card_facts(trained: TrainMetrics | None, preprocessing: str | None, weights: str | None,
+                predict: PredictParams, cm: np.ndarray | None, root: Path) -> dict[str, Any]:
+    """The manifest's facts that only the model card uses: how the model was made (pretrained
+    or not, preprocessing), what face detection handles, the confusion counts, the data notes."""
+    pretrained = trained.pretrained if trained is not None else None
+    return {"pretrained": pretrained, "pretrained_weights": weights if pretrained else None,
+            "preprocessing": Preprocessing(preprocessing) if preprocessing else None,
+            "detection": Detection.haar(predict.roll_angles),
+            "confusion": cm.tolist() if cm is not None else None, "data": _data_facts(root)}
+
+
+def refresh_card(folder: str | Path, models: dict[str, ModelParams], train: TrainParams,
+                 evaluate: EvaluateParams, predict: PredictParams, root: str | Path = ".") -> Path:
+    """`fer export --card-only`: the facts the card states added to a release's manifest
+    (from its recipe, its model's training metrics, params predict.* and the data reports),
+    then model.json and MODEL_CARD.md rewritten. The model files are not touched; inputs from
+    another training or evaluation than the released one are refused."""
+    folder = Path(folder)
+    man = read_release(folder)
+    name = man.model
+    trained = None
+    path = Path(train.reports_dir) / name / "metrics.json"
+    if path.is_file():
+        trained = TrainMetrics.read(path)
+        if (trained.epochs_run, trained.train_seconds, trained.data_md5_train) != (
+                man.training.epochs_run, man.training.train_seconds, man.data_md5_train):
+            raise FerError(f"{path} is another training of {name} than the released one "
+                           f"(epochs, seconds or data differ from {folder / MANIFEST}): "
+                           f"re-export instead (`fer export --model {name}`)")
+    preprocessing = man.recipe.get("preprocessing") or (
+        models[name].preprocessing if name in models else None)
+    cm = man.confusion
+    if cm is None:
+        counts = _confusion(Path(evaluate.reports_dir) / "confusion" / f"{name}.csv", man.classes)
+        if counts is not None and abs(_accuracy(counts) - man.metrics.test_accuracy) > 1e-9:
+            raise FerError(f"{evaluate.reports_dir}/confusion/{name}.csv is not the evaluation "
+                           f"the release was measured on (its accuracy differs): re-export")
+        cm = counts.tolist() if counts is not None else None
+    facts = _card_facts(trained, preprocessing, man.recipe.get("weights"), predict,
+                        np.asarray(cm) if cm is not None else None, Path(root))
+    facts["pretrained"] = man.pretrained if trained is None else facts["pretrained"]
+    man = ReleaseManifest.parse({**man.to_data(), **facts}, str(folder / MANIFEST))
+    man.write(folder / MANIFEST)
+    write_text(folder / CARD, model_card(man))
+    log.info("re-rendered %s and %s from the manifest", folder / CARD, folder / MANIFEST)
+    return folder
+
+
+def _accuracy(cm: np.ndarray) -> float:
+    return float(np.trace(cm) / max(cm.sum(), 1))
 
 
 def _float32_policies(obj: Any) -> Any:
@@ -224,13 +294,6 @@ def export_onnx(model: Any, path: Path, check_data: Path, batch: int = 512) -> d
             "check": check}
 
 
-def _classes(ev: Path, name: str, metrics_all: dict[str, Any]) -> list[str]:
-    per_class = metrics_all[name].get("per_class") or {}
-    if not per_class:
-        raise FerError(f"{ev / 'metrics.json'} has no per-class metrics for {name}")
-    return list(per_class)
-
-
 def _confusion(path: Path, classes: list[str]) -> np.ndarray | None:
     if not path.is_file():
         return None
@@ -242,131 +305,84 @@ def _confusion(path: Path, classes: list[str]) -> np.ndarray | None:
     return cm
 
 
-def _data_notes(root: Path) -> dict[str, Any]:
-    notes: dict[str, Any] = {}
-    for key, path in (("clean", "reports/clean/summary.json"), ("split", "reports/split/counts.json")):
-        if (root / path).is_file():
-            notes[key] = json.loads((root / path).read_text())
-    return notes
+def _data_facts(root: Path) -> DataFacts | None:
+    """What clean dropped from the training images and the training images per class, from the
+    data stages' reports (reports/clean/summary.json, reports/split/counts.json)."""
+    import json
+
+    clean_path, split_path = root / "reports/clean/summary.json", root / "reports/split/counts.json"
+    clean = json.loads(clean_path.read_text()).get("train") if clean_path.is_file() else None
+    split = json.loads(split_path.read_text()).get("train") if split_path.is_file() else None
+    if not clean and not split:
+        return None
+    return DataFacts(
+        clean_train=CleanFacts(input=clean.get("input", 0), dropped=clean.get("dropped", 0),
+                               dropped_by_reason=clean.get("dropped_by_reason", {}))
+        if clean else None,
+        train_per_class={k: int(v) for k, v in split.items() if k != "total"} if split else None)
 
 
 def _pct(v: Any) -> str:
-    return "-" if v is None else f"{100 * float(v):.1f}%"
+    return Unit.FRACTION.card(v)
 
 
-def model_card(man: dict[str, Any], cm: np.ndarray | None, data: dict[str, Any]) -> str:
-    m, classes = man["metrics"], man["classes"]
-    lines = [
-        f"# Model card: {man['name']} ({man['model']}"
-        + (f", {man['arch']})" if man['arch'] != man['model'] else ")"), "",
-        f"Exported {man['exported_at']} from commit `{man['git_commit']}`"
-        + (f", registered version {man['registered_version']}" if man.get("registered_version")
-           else "") + f"; Keras {man['keras']}; {man['trainable_params']:,} parameters; "
-        f"test-time augmentation `{man['tta']}`.", "",
-        "## Intended use",
-        "Research, teaching and prototyping of facial-expression recognition: which of seven "
-        "basic expressions (" + ", ".join(classes) + ") a frontal face shows in a photo. "
-        "Outputs are probabilities over posed-looking expressions, not a reading of anyone's "
-        "feelings.", "",
-        "**Not for**: decisions about people (hiring, policing, insurance, education, health), "
-        "surveillance, or inferring emotions, intent or truthfulness. Expressions differ across "
-        "cultures and individuals; the labels are what annotators saw in a web image.", "",
-        "## Data and its known problems",
-        "FER-2013 (Goodfellow et al., 2013): 35,887 48x48 grayscale faces found by web image "
-        "search, labelled once. Known problems: label noise (human accuracy is about 65%), heavy "
-        "class imbalance (disgust is about 1.5% of the images), non-faces and near-blank images, "
-        "duplicates and pictures shared between train and test, and a web-image population "
-        "skewed in age, ethnicity and photographic style (no demographic labels exist to measure "
-        "it).",
-    ]
-    clean = (data.get("clean") or {}).get("train") or {}
-    if clean:
-        by = clean.get("dropped_by_reason", {})
-        lines.append(f"This pipeline's clean stage dropped {clean.get('dropped', 0):,} of "
-                     f"{clean.get('input', 0):,} training images (test leak "
-                     f"{by.get('test_leak', 0)}, duplicate {by.get('duplicate', 0)}, label "
-                     f"conflict {by.get('label_conflict', 0)}, near-blank {by.get('near_blank', 0)})"
-                     "; the test set stays whole and its flagged images are reported separately.")
-    split = data.get("split") or {}
-    if split.get("train"):
-        lines.append("Training images per class: " + ", ".join(
-            f"{c} {split['train'].get(c, 0):,}" for c in classes) + ".")
-    lines += ["", "## Metrics",
-              "Selected on validation; test read once by evaluate (the 7,178 FER-2013 test "
-              "images, PublicTest + PrivateTest).", "",
-              "| validation | test | PublicTest | PrivateTest | test without flagged images | "
-              "macro F1 | top-2 |", "|---|---|---|---|---|---|---|",
-              "| " + " | ".join(_pct(m.get(k)) for k in (
-                  "val_accuracy", "test_accuracy", "test_accuracy_public", "test_accuracy_private",
-                  "test_accuracy_clean")) + f" | {float(m.get('test_macro_f1', 0)):.3f} | "
-              + _pct(m.get("test_top2_accuracy")) + " |", ""]
-    mixed = (man.get("onnx") or {}).get("from_mixed_precision")
-    if mixed:
-        lines += [f"Trained and evaluated in {mixed['trained_policy']}; released as a float32 "
-                  "copy of the same weights (runs on every CPU and in ONNX Runtime). On the "
-                  f"{mixed['images']:,} test images, one view: top-1 agreement "
-                  f"{_pct(mixed['top1_agreement'])}, accuracy {_pct(mixed['accuracy_float32'])} "
-                  f"(as trained: {_pct(mixed['accuracy_as_trained'])}).", ""]
-    per_class = man.get("per_class") or {}
-    if per_class:
-        lines += ["| class | precision | recall | F1 | test images |", "|---|---|---|---|---|"]
-        lines += [f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | "
-                  f"{v['support']} |" for c, v in per_class.items()]
-        lines.append("")
-    if cm is not None:
+def _angles(angles: list[float]) -> str:
+    words = [f"{a:g}" for a in angles]
+    return ", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else "".join(words)
+
+
+def _origin(man: ReleaseManifest) -> str:
+    """How training started, as the training metrics recorded it."""
+    if man.pretrained is None:
+        return "its starting weights (pretrained or not) were not recorded"
+    if not man.pretrained:
+        return "from scratch (no pretrained weights)"
+    weights = man.pretrained_weights or "unnamed"
+    return f"starting from pretrained weights ({'ImageNet' if weights == 'imagenet' else weights})"
+
+
+RECIPE_KEYS = ("epochs", "batch_size", "optimizer", "learning_rate", "weight_decay", "lr_schedule",
+               "label_smoothing", "width", "conv_filters", "blocks_per_stage", "dropout")
+
+
+def _card_view(man: ReleaseManifest) -> dict[str, Any]:
+    """Values the template shows that take more than a lookup in the manifest."""
+    rec = man.recipe or {}
+    aug = {k: v for k, v in (rec.get("augmentation") or {}).items() if v and k != "fill_mode"}
+    data = man.data or DataFacts()
+    per_class = data.train_per_class or {}
+    columns = card_columns()
+    view: dict[str, Any] = {
+        "metric_heads": [m.card for m in columns],
+        "metric_cells": [m.unit.card(man.metrics.value(m.key)) for m in columns],
+        "clean": data.clean_train,
+        "train_per_class": ", ".join(f"{c} {per_class.get(c, 0):,}" for c in man.classes)
+        if per_class else "",
+        "recipe": ", ".join(f"{k} {rec[k]}" for k in RECIPE_KEYS if rec.get(k) not in (None, "")),
+        "augmentation": ", ".join(f"{k} {v}" for k, v in aug.items()) or "none",
+        "origin": _origin(man),
+        "detection": man.detection,
+        "roll_angles": _angles(man.detection.roll_angles) if man.detection else "",
+        "confusion": None, "corruptions": [], "corrupted": {},
+    }
+    if man.confusion:
+        cm = np.asarray(man.confusion, dtype=float)
         rows = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-        lines += ["## Confusion matrix (test, row-normalised: actual -> predicted)", "",
-                  "| actual \\ predicted | " + " | ".join(classes) + " |",
-                  "|---|" + "---|" * len(classes)]
-        lines += [f"| {c} | " + " | ".join(f"{v:.2f}" for v in rows[k]) + " |"
-                  for k, c in enumerate(classes)]
-        lines += ["", "![confusion](confusion.png)", ""]
-    rec, tr = man.get("recipe") or {}, man.get("training") or {}
-    if rec:
-        aug = {k: v for k, v in (rec.get("augmentation") or {}).items()
-               if v and k != "fill_mode"}
-        keys = ("epochs", "batch_size", "optimizer", "learning_rate", "weight_decay",
-                "lr_schedule", "label_smoothing", "width", "conv_filters", "blocks_per_stage",
-                "dropout")
-        lines += ["## Training",
-                  f"Recipe (`models.{man['model']}` in params.yaml at export): "
-                  + ", ".join(f"{k} {rec[k]}" for k in keys if rec.get(k) not in (None, ""))
-                  + "; augmentation " + (", ".join(f"{k} {v}" for k, v in aug.items()) or "none")
-                  + f". Trained {tr.get('epochs_run')} epochs in {tr.get('train_seconds') or 0:,.0f} s "
-                  f"(best epoch {tr.get('best_epoch')}), from scratch (no pretrained weights); "
-                  f"training data md5 `{man.get('data_md5_train')}`.", ""]
-    rob = man.get("robustness")
-    if rob:
-        names = [k for k in rob if k not in ("clean_accuracy", "n", "mean_accuracy", "worst_drop",
-                                             "worst_corruption")]
-        lines += ["## Robustness",
-                  f"Accuracy on {rob['n']:,} test images without test-time augmentation, clean "
-                  f"and under each corruption of the suite (mean over three severities; "
-                  f"definitions in src/fer_pipeline/corruptions.py):", "",
-                  "| clean | " + " | ".join(names) + " | mean | worst drop |",
-                  "|---|" + "---|" * (len(names) + 2),
-                  f"| {_pct(rob['clean_accuracy'])} | " + " | ".join(_pct(rob[n]) for n in names)
-                  + f" | {_pct(rob['mean_accuracy'])} | {100 * rob['worst_drop']:.1f} pt "
-                  f"({rob['worst_corruption']}) |", ""]
-    cal = man.get("calibration")
-    if cal:
-        lines += ["## Calibration",
-                  f"Probabilities shown by `fer predict` and `fer serve` are temperature-scaled: "
-                  f"T = {cal['temperature']:.3f}, fitted on the validation split (NLL, "
-                  f"test-time augmentation `{cal['tta']}`). On the test set, expected calibration "
-                  f"error (15 bins) {_pct(cal['test_ece'])} before, "
-                  f"{_pct(cal['test_ece_calibrated'])} after; negative log-likelihood "
-                  f"{cal['test_nll']:.3f} before, {cal['test_nll_calibrated']:.3f} after. Faces "
-                  "whose top probability is below `predict.min_confidence` are flagged uncertain.",
-                  "", "![reliability](reliability.png)", ""]
-    lines += ["## Limits",
-              "- Frontal faces only: the Haar cascade misses profiles, tilted or partly hidden "
-              "faces, and very small faces (under about 1/12 of the image side).",
-              "- 48x48 grayscale input: fine detail and colour are lost; low light, heavy "
-              "shadows, glasses and masks lower accuracy.",
-              "- Weak classes: see the per-class table (disgust and fear are the hardest).",
-              "- Calibration was measured on FER-2013's test images; on other photos "
-              "(lighting, pose, camera) probabilities can again be over-confident." if cal else
-              "- Probabilities are not calibrated; do not read them as certainty.",
-              ""]
-    return "\n".join(lines)
+        view["confusion"] = [(c, [f"{v:.2f}" for v in rows[k]]) for k, c in enumerate(man.classes)]
+    if man.robustness is not None:
+        view["corrupted"] = man.robustness.family("{}")
+        view["corruptions"] = list(view["corrupted"])
+    return view
+
+
+def model_card(man: ReleaseManifest) -> str:
+    """MODEL_CARD.md, rendered from the manifest alone (templates/model_card.md.j2)."""
+    from importlib import resources
+
+    import jinja2
+
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                             undefined=jinja2.StrictUndefined, autoescape=False)
+    env.filters["pct"] = _pct
+    text = resources.files("fer_pipeline.templates").joinpath("model_card.md.j2").read_text()
+    return env.from_string(text).render(man=man, v=_card_view(man))

@@ -31,6 +31,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from fer_pipeline.artifacts.answers import (
+    Box,
+    FaceAnswer,
+    ImageAnswer,
+    ImageSize,
+    Mode,
+    PredictReport,
+)
+from fer_pipeline.artifacts.release import CASCADE_FILE, MIN_FACE_FRACTION, MIN_FACE_PX
 from fer_pipeline.errors import FerError
 from fer_pipeline.io import atomic_path
 from fer_pipeline.params import MlflowParams, PredictParams, RegistryParams
@@ -159,13 +168,13 @@ def load_release(folder: str | Path, runtime: str = "auto") -> Classifier:
         raise FerError(f"release {folder} has no {ONNX_FILE} (predict.runtime: onnx); re-run "
                        f"`fer export`, or set predict.runtime to auto or keras")
     model_file = folder / (ONNX_FILE if use_onnx else MODEL_FILE)
-    clf = load_classifier(str(model_file), list(man["classes"]), None)
+    clf = load_classifier(str(model_file), list(man.classes), None)
     # No local path in what answers show (JSON, the web page): name, model and runtime file.
-    clf.source = f"release:{man.get('name')}/{man.get('model')} ({model_file.name})"
-    clf.version = str(man["registered_version"]) if man.get("registered_version") else None
-    clf.tta = man.get("tta") or "none"
-    clf.temperature = float((man.get("calibration") or {}).get("temperature") or 1.0)
-    clf.exported_at, clf.commit = man.get("exported_at"), man.get("git_commit")
+    clf.source = f"release:{man.name}/{man.model} ({model_file.name})"
+    clf.version = man.registered_version or None
+    clf.tta = man.tta or "none"
+    clf.temperature = float(man.calibration.temperature if man.calibration else 1.0)
+    clf.exported_at, clf.commit = man.exported_at, man.git_commit
     clf.release_dir = str(folder)
     return clf
 
@@ -366,12 +375,12 @@ def detect_faces(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
 
     global _CASCADE
     if _CASCADE is None:
-        path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
+        path = Path(cv2.data.haarcascades) / CASCADE_FILE
         _CASCADE = cv2.CascadeClassifier(str(path))
         if _CASCADE.empty():
             raise FerError(f"cannot load OpenCV's Haar cascade {path}")
     side = min(gray.shape[:2])
-    min_size = max(24, side // 12)
+    min_size = max(MIN_FACE_PX, side // MIN_FACE_FRACTION)
     boxes = _CASCADE.detectMultiScale(cv2.equalizeHist(gray), scaleFactor=1.1, minNeighbors=5,
                                       minSize=(min_size, min_size))
     boxes = [tuple(int(v) for v in b) for b in (boxes if len(boxes) else [])]
@@ -489,7 +498,7 @@ def crop_face(gray: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     return cv2.resize(face, (FACE_SIZE, FACE_SIZE), interpolation=interp)
 
 
-def annotate(img: np.ndarray, faces: list[dict[str, Any]], out: Path,
+def annotate(img: np.ndarray, faces: list[FaceAnswer], out: Path,
              corners: list[np.ndarray | None] | None = None) -> None:
     import cv2
 
@@ -505,16 +514,16 @@ def annotate(img: np.ndarray, faces: list[dict[str, Any]], out: Path,
         scale = 1.0
     thick = max(1, round(max(canvas.shape[:2]) / 400))
     for k, f in enumerate(faces):
-        b = f["box"]
-        x, y = int(b["x"] * scale), int(b["y"] * scale)
-        w, h = int(b["w"] * scale), int(b["h"] * scale)
+        b = f.box
+        x, y = int(b.x * scale), int(b.y * scale)
+        w, h = int(b.w * scale), int(b.h * scale)
         tilted = corners[k] if corners else None
         if tilted is not None:   # a face found by the roll search: its tilted box
             cv2.polylines(canvas, [np.round(tilted * scale).astype(np.int32)], True,
                           (0, 200, 0), thick + 1)
         else:
             cv2.rectangle(canvas, (x, y), (x + w - 1, y + h - 1), (0, 200, 0), thick + 1)
-        label = f"{f['emotion']} {f['confidence']:.2f}"
+        label = f"{f.emotion} {f.confidence:.2f}"
         ty = y - 6 if y > 20 else y + h + 16
         cv2.putText(canvas, label, (x, ty), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * thick, (0, 200, 0),
                     thick, cv2.LINE_AA)
@@ -532,18 +541,18 @@ def _annotate_path(out: Path, src: Path, n_inputs: int) -> Path:
     return out / f"{src.stem}_annotated.png"
 
 
-def expand_paths(paths: list[str | Path]) -> tuple[list[Path], list[dict[str, Any]]]:
+def expand_paths(paths: list[str | Path]) -> tuple[list[Path], list[ImageAnswer]]:
     """Files to classify (folders searched recursively for image suffixes, sorted) and entries
     for folders without any image, so every argument is accounted for."""
     files: list[Path] = []
-    notes: list[dict[str, Any]] = []
+    notes: list[ImageAnswer] = []
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(f for f in p.rglob("*")
                            if f.suffix.lower() in IMAGE_SUFFIXES and not f.is_dir())
             if not found:
-                notes.append({"path": str(p), "ok": False,
-                              "error": f"folder has no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"})
+                notes.append(ImageAnswer(path=str(p), ok=False, error=f"folder has no image "
+                                         f"files ({', '.join(sorted(IMAGE_SUFFIXES))})"))
             files += found
         else:
             files.append(p)
@@ -552,7 +561,13 @@ def expand_paths(paths: list[str | Path]) -> tuple[list[Path], list[dict[str, An
 
 @dataclass
 class _Prepared:
-    result: dict[str, Any]
+    """One image read and its faces cropped, or why not (`error`)."""
+
+    path: str
+    image_size: ImageSize | None = None
+    mode: Mode | None = None
+    error: str | None = None
+    unexpected: bool = False
     img: np.ndarray | None = None
     faces: list[Face] | None = None
     crops: np.ndarray | None = None
@@ -566,22 +581,21 @@ def _prepare(path: Path, detect: bool, limits: PredictParams) -> _Prepared:
 def prepare(name: str, load: Callable[[], np.ndarray], detect: bool,
             roll_angles: list[float] | tuple[float, ...] = ()) -> _Prepared:
     """Load one image (`load`) and crop its faces; any failure becomes its entry."""
-    result: dict[str, Any] = {"path": name}
+    prep = _Prepared(name)
     try:
         img = load()
         gray = to_gray(img)
         h, w = gray.shape[:2]
-        result["image_size"] = {"width": int(w), "height": int(h)}
+        prep.image_size = ImageSize(width=int(w), height=int(h))
         if (h, w) == (FACE_SIZE, FACE_SIZE) or not detect:
-            mode = "crop" if (h, w) == (FACE_SIZE, FACE_SIZE) else "whole"
+            prep.mode = Mode.CROP if (h, w) == (FACE_SIZE, FACE_SIZE) else Mode.WHOLE
             faces = [Face((0, 0, w, h), crop_face(gray, (0, 0, w, h)))]
         else:
-            mode, faces = "detect", find_faces(gray, roll_angles)
-        result["mode"] = mode
-        crops = np.stack([f.crop for f in faces])[..., None] if faces else None
-        return _Prepared(result, img, faces, crops)
+            prep.mode, faces = Mode.DETECT, find_faces(gray, roll_angles)
+        prep.img, prep.faces = img, faces
+        prep.crops = np.stack([f.crop for f in faces])[..., None] if faces else None
     except ImageError as exc:
-        result.update(ok=False, error=str(exc))
+        prep.error = str(exc)
     except Exception as exc:  # noqa: BLE001 - one bad file (OpenCV, Pillow, OS) never stops a batch
         # Not a known file problem: maybe a bug. The file gets its entry and the rest goes on,
         # but the traceback is shown (stderr), so it is not mistaken for a bad image.
@@ -591,12 +605,12 @@ def prepare(name: str, load: Callable[[], np.ndarray], detect: bool,
         print(f"fer predict: {name}: unexpected {type(exc).__name__} (traceback below); the "
               f"other files go on", file=sys.stderr)
         traceback.print_exception(exc, file=sys.stderr)
-        result.update(ok=False, error=f"{type(exc).__name__}: {exc}", unexpected=True)
-    return _Prepared(result)
+        prep.error, prep.unexpected = f"{type(exc).__name__}: {exc}", True
+    return prep
 
 
 def classify_prepared(clf: Classifier, chunk: list[_Prepared],
-                      annotate_to: list[Path | None] | None = None) -> list[dict[str, Any]]:
+                      annotate_to: list[Path | None] | None = None) -> list[ImageAnswer]:
     """Results for prepared images: all their faces in one model call."""
     crops = [c.crops for c in chunk if c.crops is not None]
     probs = clf.predict(np.concatenate(crops)) if crops else None
@@ -612,37 +626,35 @@ def classify_prepared(clf: Classifier, chunk: list[_Prepared],
 
 
 def _finish(prep: _Prepared, probs: np.ndarray | None, classes: list[str],
-            annotate_to: Path | None, min_confidence: float = 0.0) -> dict[str, Any]:
-    result = prep.result
-    if "error" in result:
-        return result
+            annotate_to: Path | None, min_confidence: float = 0.0) -> ImageAnswer:
+    # Only what is known goes in: a key an image does not have is absent from its answer.
+    known = {"path": prep.path, "image_size": prep.image_size, "mode": prep.mode}
+    if prep.error is not None:
+        return ImageAnswer(**{k: v for k, v in known.items() if v is not None}, ok=False,
+                           error=prep.error, **({"unexpected": True} if prep.unexpected else {}))
     faces = []
     for f, p in zip(prep.faces or [], probs if probs is not None else [], strict=True):
         k = int(np.argmax(p))
         b = f.box
-        faces.append({
-            "box": {"x": b[0], "y": b[1], "w": b[2], "h": b[3]},
-            "roll": round(f.roll, 1),
-            "emotion": classes[k], "confidence": round(float(p[k]), 4),
-            "uncertain": bool(p[k] < min_confidence),
-            "probabilities": {c: round(float(v), 4) for c, v in zip(classes, p, strict=True)},
-        })
-    result["ok"] = True
-    result["faces"] = faces
-    if not faces:
-        result["message"] = "no face found"
+        faces.append(FaceAnswer(
+            box=Box(x=b[0], y=b[1], w=b[2], h=b[3]), roll=round(f.roll, 1),
+            emotion=classes[k], confidence=round(float(p[k]), 4),
+            uncertain=bool(p[k] < min_confidence),
+            probabilities={c: round(float(v), 4) for c, v in zip(classes, p, strict=True)}))
+    answer = ImageAnswer(**known, ok=True, faces=faces,
+                         **({} if faces else {"message": "no face found"}))
     if annotate_to is not None:
         try:
             annotate(prep.img, faces, annotate_to, [f.corners for f in prep.faces or []])
-            result["annotated"] = str(annotate_to)
+            answer.annotated = str(annotate_to)
         except ImageError as exc:
-            result["annotate_error"] = str(exc)
-    return result
+            answer.annotate_error = str(exc)
+    return answer
 
 
 def iter_predictions(clf: Classifier, files: list[Path], detect: bool = True,
                      annotate_out: str | Path | None = None,
-                     limits: PredictParams | None = None) -> Iterator[dict[str, Any]]:
+                     limits: PredictParams | None = None) -> Iterator[ImageAnswer]:
     """One result per file, in order; the faces of `limits.batch_files` files go to the model
     in one call (a model call costs far more than its size)."""
     limits = limits or PredictParams()
@@ -658,9 +670,10 @@ def iter_predictions(clf: Classifier, files: list[Path], detect: bool = True,
 def predict_files(paths: list[str | Path], model: str | None, classes: list[str],
                   registry: RegistryParams, mlflow: MlflowParams, detect: bool = True,
                   annotate_out: str | Path | None = None, limits: PredictParams | None = None,
-                  on_result: Callable[[dict[str, Any], int, int], None] | None = None,
-                  tta: str | None = None) -> dict[str, Any]:
-    """Classify faces in every file (folders: recursively): {"model", "classes", "results"}.
+                  on_result: Callable[[ImageAnswer, int, int], None] | None = None,
+                  tta: str | None = None) -> PredictReport:
+    """Classify faces in every file (folders: recursively): the model used and one answer per
+    file.
 
     model=None loads the registry's champion. Raises FerError only when the model cannot be
     loaded; a file's own problem is in its result. `on_result(result, done, total)` sees each
@@ -674,9 +687,9 @@ def predict_files(paths: list[str | Path], model: str | None, classes: list[str]
         results.append(r)
         if on_result:
             on_result(r, len(results), total)
-    return {"model": clf.source, "version": clf.version, "tta": clf.tta,
-            "temperature": clf.temperature, "min_confidence": clf.min_confidence,
-            "classes": clf.classes, "results": results}
+    return PredictReport(model=clf.source, version=clf.version, tta=clf.tta,
+                         temperature=clf.temperature, min_confidence=clf.min_confidence,
+                         classes=clf.classes, results=results)
 
 
 class Progress:
@@ -687,9 +700,9 @@ class Progress:
         self.t0 = self.last = time.monotonic()
         self.faces = self.failed = 0
 
-    def __call__(self, result: dict[str, Any], done: int, total: int) -> None:
-        self.faces += len(result.get("faces") or [])
-        self.failed += not result.get("ok")
+    def __call__(self, result: ImageAnswer, done: int, total: int) -> None:
+        self.faces += len(result.faces or [])
+        self.failed += not result.ok
         now = time.monotonic()
         if total > 1 and (now - self.last >= self.every_s or done == total):
             self.last = now

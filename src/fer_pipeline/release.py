@@ -4,17 +4,19 @@
 it when no `--model` is given and no tracking store has a champion, so a fresh clone classifies
 photos right after setup. Layout: `model.keras` (weights, preprocessing inside), `model.onnx`
 (the same network for ONNX Runtime: inference without importing TensorFlow, checked against the
-Keras model on the test set at export), `model.json` (classes in output order, input spec,
-test-time augmentation, metrics, data hashes, git commit, recipe, date, md5 of each model
-file), `MODEL_CARD.md`, `confusion.png`.
+Keras model on the test set at export), `model.json` (fer_pipeline.artifacts.release: classes
+in output order, input spec, test-time augmentation, metrics, data hashes, git commit, recipe,
+date, md5 of each model file, and every fact the card states), `MODEL_CARD.md` (rendered from
+model.json), `confusion.png`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from fer_pipeline.artifacts.answers import ReleaseCard
+from fer_pipeline.artifacts.release import ReleaseManifest
 from fer_pipeline.errors import FerError
 from fer_pipeline.io import md5_file
 
@@ -38,32 +40,32 @@ def find_release(release_dir: str | Path = RELEASE_DIR, start: str | Path = ".")
     return next((c for c in candidates if (c / MANIFEST).is_file()), None)
 
 
-def read_release(folder: str | Path) -> dict[str, Any]:
+def read_release(folder: str | Path) -> ReleaseManifest:
     """The manifest, checked: the model file is there and is the one exported."""
     folder = Path(folder)
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        manifest = ReleaseManifest.read(folder / MANIFEST, "re-run `fer export`")
+    except FerError as exc:
         raise FerError(f"release {folder}: cannot read {MANIFEST}: {exc}") from exc
     model = folder / MODEL_FILE
     if not model.is_file():
         raise FerError(f"release {folder}: {MODEL_FILE} is missing (re-run `fer export`)")
-    if manifest.get("model_md5") and md5_file(model) != manifest["model_md5"]:
+    if manifest.model_md5 and md5_file(model) != manifest.model_md5:
         raise FerError(f"release {folder}: {MODEL_FILE} is not the exported file (md5 differs "
                        f"from {MANIFEST}); re-run `fer export` or restore it with git")
-    onnx = manifest.get("onnx") or {}
-    if onnx and (folder / ONNX_FILE).is_file() and md5_file(folder / ONNX_FILE) != onnx.get("md5"):
+    onnx = manifest.onnx
+    if onnx and (folder / ONNX_FILE).is_file() and md5_file(folder / ONNX_FILE) != onnx.md5:
         raise FerError(f"release {folder}: {ONNX_FILE} is not the exported file (md5 differs "
                        f"from {MANIFEST}); re-run `fer export` or restore it with git")
     return manifest
 
 
-def release_card(folder: str | Path) -> dict[str, Any]:
+def release_card(folder: str | Path) -> ReleaseCard:
     """What `fer serve` answers on GET /model for a release: the manifest and the model card."""
     folder = Path(folder)
     card = folder / "MODEL_CARD.md"
-    return {"manifest": read_release(folder),
-            "model_card_markdown": card.read_text() if card.is_file() else None}
+    return ReleaseCard(manifest=read_release(folder),
+                       model_card_markdown=card.read_text() if card.is_file() else None)
 
 
 def onnx_session(path: str | Path) -> Any:

@@ -24,6 +24,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from fer_pipeline.artifacts.answers import (
+    ErrorAnswer,
+    Health,
+    ModelDescription,
+    ModelInfo,
+    ReleaseCard,
+    ServeAnswer,
+    UploadAnswer,
+)
 from fer_pipeline.params import PredictParams, ServeParams
 from fer_pipeline.predict import (
     Classifier,
@@ -52,34 +61,36 @@ def status_of(error: str) -> int:
 
 
 def create_app(clf: Classifier, serve: ServeParams | None = None,
-               limits: PredictParams | None = None, card: dict[str, Any] | None = None):
+               limits: PredictParams | None = None, card: ReleaseCard | None = None):
     # FastAPI reads the handlers' annotations (strings here): Request must be a module name.
     serve = serve or ServeParams()
     limits = limits or PredictParams()
     model_lock = threading.Lock()     # one model call at a time (2 cores; TF sessions)
-    model_info = {"source": clf.source, "version": clf.version, "classes": clf.classes,
-                  "tta": clf.tta, "temperature": clf.temperature,
-                  "min_confidence": clf.min_confidence}
+    model_info = ModelInfo(source=clf.source, version=clf.version, classes=clf.classes,
+                           tta=clf.tta, temperature=clf.temperature,
+                           min_confidence=clf.min_confidence)
     app = FastAPI(title="fer-pipeline", description=__doc__.splitlines()[0], docs_url="/docs")
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return JSONResponse(ErrorAnswer(error=exc.message).to_data(), status_code=exc.status)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):
         log.exception("error while answering %s %s", request.method, request.url.path)
-        return JSONResponse({"error": "internal error (logged by the server)"}, status_code=500)
+        return JSONResponse(ErrorAnswer(error="internal error (logged by the server)").to_data(),
+                            status_code=500)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_info}
+        return Health(status="ok", model=model_info).to_data()
 
     @app.get("/model")
     def model() -> dict[str, Any]:
-        return {**model_info, "input": "an image; faces found with OpenCV's Haar cascade, "
-                "cropped to 48x48 grayscale (a 48x48 image is taken as a face crop)",
-                "card": card}
+        return ModelDescription(
+            **model_info.to_data(), input="an image; faces found with OpenCV's Haar cascade, "
+            "cropped to 48x48 grayscale (a 48x48 image is taken as a face crop)", card=card
+        ).to_data()
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
@@ -94,24 +105,22 @@ def create_app(clf: Classifier, serve: ServeParams | None = None,
         except TimeoutError:
             raise RequestError(503, f"timed out after {serve.timeout_s:g} s (serve.timeout_s)") \
                 from None
-        body = {"model": model_info, "results": results}
-        if all(not r["ok"] for r in results):
-            first = results[0]["error"]
-            return JSONResponse({"error": first, **body}, status_code=status_of(first))
-        return body
+        if all(not r.ok for r in results):
+            first = results[0].error or "no image could be used"
+            return JSONResponse(ServeAnswer(error=first, model=model_info, results=results)
+                                .to_data(), status_code=status_of(first))
+        return ServeAnswer(model=model_info, results=results).to_data()
 
     return app
 
 
 def _classify(clf: Classifier, images: list[tuple[str, bytes]], limits: PredictParams,
-              lock: threading.Lock) -> list[dict[str, Any]]:
+              lock: threading.Lock) -> list[UploadAnswer]:
     chunk = [prepare(name, lambda data=data: decode_bytes(data, limits), True, limits.roll_angles)
              for name, data in images]
     with lock:
         results = classify_prepared(clf, chunk)
-    for r in results:
-        r["name"] = r.pop("path")
-    return results
+    return [UploadAnswer.of(r) for r in results]
 
 
 async def _images(request, serve: ServeParams) -> list[tuple[str, bytes]]:
@@ -146,7 +155,7 @@ async def _images(request, serve: ServeParams) -> list[tuple[str, bytes]]:
 
 
 def run(clf: Classifier, serve: ServeParams, limits: PredictParams,
-        card: dict[str, Any] | None = None) -> None:
+        card: ReleaseCard | None = None) -> None:
     import uvicorn
 
     app = create_app(clf, serve, limits, card)

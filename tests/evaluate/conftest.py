@@ -15,6 +15,7 @@ import yaml
 
 from fer_pipeline import params as P
 from fer_pipeline.arrays import SplitArrays, save_split
+from fer_pipeline.artifacts.train import TrainMetrics
 from fer_pipeline.evaluate.stage import EvaluationResult, evaluate_models
 from fer_pipeline.io import md5_file
 from sandbox import ROOT, tiny_params
@@ -73,11 +74,10 @@ def write_trained(root: Path, name: str, val_accuracy: float, filters: int, seed
     rep.mkdir(parents=True, exist_ok=True)
     save_model(model, root / "models" / name / "model.keras")
     n_params = trainable_params(model)
-    (rep / "metrics.json").write_text(json.dumps({
-        "train_loss": 1.9, "train_accuracy": 0.2, "val_loss": 1.9, "val_accuracy": val_accuracy,
-        "best_epoch": 2, "epochs_run": 3, "pretrained": False, "trainable_params": n_params,
-        "train_seconds": 1.5, "seconds_per_epoch": 0.5,
-        "data_md5_val": md5_file(root / "data" / "val.npz")}))
+    TrainMetrics(train_loss=1.9, train_accuracy=0.2, val_loss=1.9, val_accuracy=val_accuracy,
+                 best_epoch=2, epochs_run=3, pretrained=False, trainable_params=n_params,
+                 train_seconds=1.5, seconds_per_epoch=0.5,
+                 data_md5_val=md5_file(root / "data" / "val.npz")).write(rep / "metrics.json")
     (rep / "history.csv").write_text(
         "epoch,loss,accuracy,val_loss,val_accuracy,learning_rate,seconds\n"
         "0,1.95,0.15,1.94,0.16,0.001,0.5\n1,1.9,0.2,1.9,0.2,0.001,0.5\n2,1.88,0.21,1.91,0.19,0.001,0.5\n")
@@ -141,3 +141,22 @@ def eval_params():
 def run_evaluate():
     """run_evaluate(params_path, names=..., register=..., log_mlflow=...) -> EvaluationResult."""
     return _run_evaluate
+
+
+_RELEASED: dict[str, tuple] = {}
+
+
+@pytest.fixture
+def released(trained_project, eval_params, run_evaluate, tmp_path_factory):
+    """The tiny project evaluated (champion `small`), then `fer export` (once per session):
+    (project root, its params.yaml, the release folder)."""
+    from fer_pipeline.cli import main
+
+    if "r" not in _RELEASED:
+        root, _ = trained_project
+        params = eval_params(root, ["small", "big"], "fer-emotion-export", tta="flip")
+        run_evaluate(params)
+        out = tmp_path_factory.mktemp("rel") / "release"
+        assert main(["--params", str(params), "export", "--out", str(out)]) == 0
+        _RELEASED["r"] = (root, params, out)
+    return _RELEASED["r"]

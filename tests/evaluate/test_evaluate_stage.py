@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from fer_pipeline.artifacts.evaluation import Decision
 from fer_pipeline.cli import main
 from fer_pipeline.errors import FerError
 
@@ -86,8 +87,8 @@ def test_evaluate_reports_mlflow_and_registry_lifecycle(eval_params, run_evaluat
 
     # 2. Nothing changed: nothing registered, no alias moved.
     res = run_evaluate(params)
-    assert res.registry["new_version"] is False and res.registry["alias_moved"] is False
-    assert res.registry["decision"] == "already_champion"
+    assert res.registry.new_version is False and res.registry.alias_moved is False
+    assert res.registry.decision is Decision.ALREADY_CHAMPION
     assert len(client.search_model_versions(f"name='{name}'")) == 1
 
     # 3. `big` now validates better: new version v2 @champion, v1 @previous, history tagged.
@@ -96,8 +97,8 @@ def test_evaluate_reports_mlflow_and_registry_lifecycle(eval_params, run_evaluat
     big_metrics.write_text(saved.replace('"val_accuracy": 0.3', '"val_accuracy": 0.5'))
     try:
         res = run_evaluate(params)
-        assert res.champion == "big" and res.registry["new_version"] is True
-        assert res.registry["decision"] == "promoted"
+        assert res.champion == "big" and res.registry.new_version is True
+        assert res.registry.decision is Decision.PROMOTED
         assert client.get_model_version_by_alias(name, "champion").version == "2"
         assert client.get_model_version_by_alias(name, "previous").version == "1"
     finally:
@@ -105,8 +106,8 @@ def test_evaluate_reports_mlflow_and_registry_lifecycle(eval_params, run_evaluat
     # 4. `small` is this run's best but does not beat the champion's 0.5: the alias stays,
     # the decision is recorded on the version and in champion.json.
     res = run_evaluate(params)
-    assert res.champion == "small" and res.registry["new_version"] is False
-    assert res.registry["decision"] == "kept" and "0.5000" in res.registry["reason"]
+    assert res.champion == "small" and res.registry.new_version is False
+    assert res.registry.decision is Decision.KEPT and "0.5000" in res.registry.reason
     assert client.get_model_version_by_alias(name, "champion").version == "2"
     assert client.get_model_version(name, "1").tags["promotion_decision"] == "kept"
     decision = json.loads((out / "champion.json").read_text())

@@ -21,22 +21,6 @@ from sandbox import free_port
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
-_RELEASED: dict[str, tuple] = {}
-
-
-@pytest.fixture
-def released(trained_project, eval_params, run_evaluate, tmp_path_factory):
-    """The tiny project evaluated (champion `small`), then `fer export` (once per session)."""
-    if "r" not in _RELEASED:
-        root, _ = trained_project
-        params = eval_params(root, ["small", "big"], "fer-emotion-export", tta="flip")
-        run_evaluate(params)
-        out = tmp_path_factory.mktemp("rel") / "release"
-        assert main(["--params", str(params), "export", "--out", str(out)]) == 0
-        _RELEASED["r"] = (root, params, out)
-    return _RELEASED["r"]
-
-
 def test_the_bundle_describes_itself(released):
     root, _, out = released
     assert sorted(f.name for f in out.iterdir()) == ["MODEL_CARD.md", "confusion.png",

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fer_pipeline.artifacts.evaluation import mlflow_metrics
 from fer_pipeline.champion import choose_champion
 from fer_pipeline.evaluate.metrics import (
     compute_metrics,
     confusion,
-    flat_mlflow_metrics,
     predict_proba,
     row_normalize,
 )
@@ -33,11 +33,11 @@ def test_compute_metrics_subsets_and_top2():
     assert m["test_accuracy_public"] == 0.5 and m["test_accuracy_private"] == 0.5
     assert m["test_accuracy_clean"] == 1.0 and m["test_n_clean"] == 2
     assert m["per_class"]["c"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1}
-    flat = flat_mlflow_metrics(m)
+    flat = mlflow_metrics(m)
     assert flat["test_f1_c"] == 1.0 and "per_class" not in flat
     # No PublicTest images: that subset is absent (None), not a crash.
     m2 = compute_metrics(y, probs, CLASSES, np.array(["PrivateTest"] * 4))
-    assert m2["test_accuracy_public"] is None and "test_accuracy_public" not in flat_mlflow_metrics(m2)
+    assert m2["test_accuracy_public"] is None and "test_accuracy_public" not in mlflow_metrics(m2)
 
 
 def test_confusion_rows_are_actual():

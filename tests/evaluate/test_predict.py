@@ -12,6 +12,7 @@ import yaml
 
 from faces import rolled_face
 from fer_pipeline import params as P
+from fer_pipeline.artifacts.evaluation import EvaluationMetrics
 from fer_pipeline.calibration import apply_temperature
 from fer_pipeline.cli import main
 from fer_pipeline.errors import FerError
@@ -163,15 +164,15 @@ def test_predict_by_registry_alias(trained_project, eval_params, run_evaluate, p
     params = eval_params(root, ["small", "big"], "fer-emotion-predict")
     run_evaluate(params)
     report = _predict([photo, FIXTURES / "surprise_48.jpg"], params=P.load(params))
-    assert report["model"] == "models:/fer-emotion-predict@champion"
-    assert [len(r["faces"]) for r in report["results"]] == [1, 1]
+    assert report.model == "models:/fer-emotion-predict@champion"
+    assert [len(r.faces) for r in report.results] == [1, 1]
     # Same probabilities as the local file of the champion (same weights, pyfunc vs keras),
     # scaled by the temperature evaluate fitted on val and tagged on the version.
     local = _predict([photo], model=str(root / "models" / "small" / "model.keras"))
-    t = json.loads((root / "reports/evaluate/metrics.json").read_text())["small"]["temperature"]
-    assert report["temperature"] == pytest.approx(t, rel=1e-5) and local["temperature"] == 1.0
-    raw = list(local["results"][0]["faces"][0]["probabilities"].values())
-    assert list(report["results"][0]["faces"][0]["probabilities"].values()) == pytest.approx(
+    t = EvaluationMetrics.read(root / "reports/evaluate/metrics.json")["small"].temperature
+    assert report.temperature == pytest.approx(t, rel=1e-5) and local.temperature == 1.0
+    raw = list(local.results[0].faces[0].probabilities.values())
+    assert list(report.results[0].faces[0].probabilities.values()) == pytest.approx(
         apply_temperature(np.array([raw]), t)[0], abs=1e-3)
 
 

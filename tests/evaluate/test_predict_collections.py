@@ -136,7 +136,7 @@ def test_the_faces_of_a_batch_go_to_the_model_in_one_call(tmp_path):
     files = [FIXTURES / "happy_48.jpg", FIXTURES / "surprise_48.jpg", tmp_path / "missing.png"] * 3
     limits = P.PredictParams(batch_files=4)
     results = list(iter_predictions(clf, files, limits=limits))
-    assert len(results) == 9 and sum(r["ok"] for r in results) == 6
+    assert len(results) == 9 and sum(r.ok for r in results) == 6
     assert model.calls == [3, 3]      # chunks of 4 files: 3 faces, 3 faces, none (no call)
 
 

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from fer_pipeline.artifacts.evaluation import ChampionRecord, Decision
 from fer_pipeline.cli import main
 
 
@@ -27,7 +28,7 @@ def test_not_asked_runs_and_stale_models_never_take_the_alias(eval_params, run_e
     text = params.read_text().replace("promote: true", "promote: false")
     params.write_text(text)
     res = run_evaluate(params)
-    assert res.registry["decision"] == "not_asked" and "registry.promote" in res.registry["reason"]
+    assert res.registry.decision is Decision.NOT_ASKED and "registry.promote" in res.registry.reason
     client = _client()
     assert client.get_registered_model(name).aliases == {}
     assert client.get_model_version(name, "1").tags["promotion_decision"] == "not_asked"
@@ -40,7 +41,7 @@ def test_not_asked_runs_and_stale_models_never_take_the_alias(eval_params, run_e
     small.write_text(json.dumps({**json.loads(saved), "data_md5_val": "0" * 32}))
     try:
         res = run_evaluate(params, promote=True)
-        assert res.models["small"]["stale"] is True and res.champion == "big"
+        assert res.models["small"].metrics.stale is True and res.champion == "big"
         assert "small" in json.loads((root / "reports/evaluate/champion.json").read_text())["stale"]
     finally:
         small.write_text(saved)
@@ -51,15 +52,18 @@ def test_a_champion_validated_on_other_data_is_rescored_first(eval_params, run_e
     root, _ = trained_project
     name = "fer-emotion-rescore"
     params = eval_params(root, ["small"], name)
-    assert run_evaluate(params).registry["decision"] == "promoted"
+    assert run_evaluate(params).registry.decision is Decision.PROMOTED
     client = _client()
     client.set_model_version_tag(name, "1", "val_data_md5", "validated-elsewhere")
     big = eval_params(root, ["big"], name)
     res = run_evaluate(big)
-    before = res.registry["champion_before"]
-    assert before["val_data_md5"] == "validated-elsewhere"
-    assert 0.0 <= before["rescored_val_accuracy"] <= 1.0
-    assert f"{before['rescored_val_accuracy']:.4f}" in res.registry["reason"]
+    before = res.registry.champion_before
+    assert before.val_data_md5 == "validated-elsewhere"
+    assert 0.0 <= before.rescored_val_accuracy <= 1.0
+    assert f"{before.rescored_val_accuracy:.4f}" in res.registry.reason
+    # champion.json records the rescoring the decision rests on.
+    record = ChampionRecord.read(root / "reports/evaluate/champion.json")
+    assert record.registry.champion_before.rescored_val_accuracy == before.rescored_val_accuracy
 
 
 @pytest.mark.slow

@@ -26,7 +26,8 @@ PROCESSED_DIR = Path("data/processed")   # dvc.yaml's split outs (arrays.PROCESS
 # command -> the module of this package that defines it (its `register(sub)`), in help order
 COMMANDS = {"validate": "data", "clean": "data", "split": "data", "train": "train",
             "teach": "teach", "evaluate": "evaluate", "promote": "tools", "predict": "tools",
-            "serve": "tools", "export": "tools", "run": "tools", "worker": "tools"}
+            "serve": "tools", "export": "tools", "run": "tools", "worker": "tools",
+            "schemas": "tools"}
 
 
 def _with_globals(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -1,5 +1,6 @@
 """The commands that are not pipeline stages: `fer promote`, `predict`, `serve`, `export`,
-`run`, `worker`. No dvc.yaml stage loads this module, so editing one of them reruns nothing."""
+`run`, `worker`, `schemas`. No dvc.yaml stage loads this module, so editing one of them reruns
+nothing."""
 
 from __future__ import annotations
 
@@ -29,21 +30,22 @@ def _predict(args: argparse.Namespace) -> int:
     # Outside a project (no params.yaml) predict still works, with the declared defaults.
     p = P.load(args.params) if args.params != "params.yaml" or Path(args.params).is_file() \
         else P.Params()
+    from fer_pipeline.artifacts.answers import ImageAnswer
     from fer_pipeline.predict import Progress, predict_files
 
     out = sys.stdout          # only results go here; anything a library prints goes to stderr
     progress = Progress(sys.stderr)
     csv_writer = None
 
-    def emit(result: dict, done: int, total: int) -> None:
+    def emit(result: ImageAnswer, done: int, total: int) -> None:
         nonlocal csv_writer
         progress(result, done, total)
-        if not result.get("ok"):
-            print(f"fer predict: {result['path']}: {result['error']}", file=sys.stderr)
-        elif not result["faces"]:
-            print(f"fer predict: {result['path']}: no face found", file=sys.stderr)
+        if not result.ok:
+            print(f"fer predict: {result.path}: {result.error}", file=sys.stderr)
+        elif not result.faces:
+            print(f"fer predict: {result.path}: no face found", file=sys.stderr)
         if args.format == "jsonl":
-            out.write(json.dumps(result) + "\n")
+            out.write(json.dumps(result.to_data(), default=str) + "\n")
             out.flush()
         elif args.format == "csv":
             if csv_writer is None:
@@ -55,20 +57,29 @@ def _predict(args: argparse.Namespace) -> int:
                                detect=not args.no_detect, annotate_out=args.annotate,
                                limits=p.predict, on_result=emit, tta=args.tta)
     if args.format == "json":
-        out.write(json.dumps(report, indent=2) + "\n")
+        out.write(report.to_json() + "\n")
     out.flush()
-    return 0 if any(r["ok"] for r in report["results"]) else 1
+    return 0 if any(r.ok for r in report.results) else 1
 
 
 def _export(args: argparse.Namespace) -> None:
     p = P.load(args.params)
-    from fer_pipeline.export import export_release
+    from fer_pipeline.export import export_release, refresh_card
+    from fer_pipeline.release import read_release
 
+    root = Path(args.params).parent
+    if args.card_only:
+        if args.model:
+            raise FerError("--card-only re-renders the release in --out: no --model")
+        out = refresh_card(args.out, p.models, p.train, p.evaluate, p.predict, root=root)
+        print(f"re-rendered {out}/MODEL_CARD.md and {out}/model.json (model files untouched); "
+              f"commit them with git")
+        return
     out = export_release(p.models, p.train, p.evaluate, p.registry, args.out, args.model,
-                         root=Path(args.params).parent)
-    man = json.loads((out / "model.json").read_text())
-    print(f"released {man['model']} (val {man['metrics'].get('val_accuracy', 0):.4f}, test "
-          f"{man['metrics'].get('test_accuracy', 0):.4f}) to {out}/: "
+                         root=root, predict=p.predict)
+    man = read_release(out)
+    print(f"released {man.model} (val {man.metrics.val_accuracy or 0:.4f}, test "
+          f"{man.metrics.test_accuracy:.4f}) to {out}/: "
           f"{', '.join(sorted(f.name for f in out.iterdir()))}; commit it with git")
 
 
@@ -101,17 +112,16 @@ class _CsvFaces:
         self.writer.writerow(["path", "ok", "face", "x", "y", "w", "h", "emotion", "confidence",
                               *[f"p_{c}" for c in classes], "message"])
 
-    def write(self, r: dict) -> None:
-        note = r.get("error") or r.get("message") or ""
-        faces = r.get("faces") or []
+    def write(self, r) -> None:
+        note = r.error or r.message or ""
+        faces = r.faces or []
         if not faces:
-            self.writer.writerow([r["path"], r.get("ok", False), "", "", "", "", "", "", "",
+            self.writer.writerow([r.path, r.ok, "", "", "", "", "", "", "",
                                   *[""] * len(self.classes), note])
         for k, f in enumerate(faces):
-            b = f["box"]
-            self.writer.writerow([r["path"], True, k, b["x"], b["y"], b["w"], b["h"], f["emotion"],
-                                  f["confidence"], *[f["probabilities"].get(c, "")
-                                                     for c in self.classes], note])
+            b = f.box
+            self.writer.writerow([r.path, True, k, b.x, b.y, b.w, b.h, f.emotion, f.confidence,
+                                  *[f.probabilities.get(c, "") for c in self.classes], note])
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -166,19 +176,36 @@ def _registry_line(experiment: str) -> str:
                            capture_output=True, text=True) if ref else None
     if not shown or shown.returncode != 0:
         return "registry: this run did not evaluate (no reports/evaluate/champion.json)"
-    info = json.loads(shown.stdout)
-    outcome = info.get("registry") or {}
-    decision, reason = info.get("decision"), info.get("reason")
-    if not outcome:
-        return f"registry: nothing registered (candidate {info.get('champion')})"
-    if decision == "promoted":
-        return (f"registry: {outcome.get('champion')} (v{outcome.get('version')}) is now "
-                f"@champion: {reason}")
-    before = outcome.get("champion_before") or {}
-    where = (f"v{before.get('version')} ({before.get('model')})" if before.get("version")
-             else "no version")
-    return (f"registry: @champion unchanged, still {where}; candidate {outcome.get('champion')} "
-            f"v{outcome.get('version')}: {decision} ({reason})")
+    from fer_pipeline.artifacts.evaluation import ChampionRecord, Decision
+
+    info = ChampionRecord.from_json(shown.stdout, f"{ref}:reports/evaluate/champion.json")
+    outcome = info.registry
+    if outcome is None:
+        return f"registry: nothing registered (candidate {info.champion})"
+    if info.decision is Decision.PROMOTED:
+        return (f"registry: {outcome.champion} (v{outcome.version}) is now @champion: "
+                f"{info.reason}")
+    before = outcome.champion_before
+    where = f"v{before.version} ({before.model})" if before else "no version"
+    return (f"registry: @champion unchanged, still {where}; candidate {outcome.champion} "
+            f"v{outcome.version}: {info.decision} ({info.reason})")
+
+
+def _schemas(args: argparse.Namespace) -> int:
+    """Write the artifacts' JSON Schemas, or (--check) fail when the committed ones are not
+    what the models give."""
+    from fer_pipeline.artifacts import schemas
+
+    if args.check:
+        stale = schemas.stale(args.out)
+        if stale:
+            raise FerError(f"{args.out}: not the schemas of the artifact models: "
+                           f"{', '.join(stale)}; run `fer schemas`")
+        print(f"{args.out}: {len(schemas.SCHEMAS)} schemas, current")
+        return 0
+    for path in schemas.write_all(args.out):
+        print(path)
+    return 0
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -242,7 +269,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write the evaluated champion to release/ (commit it)")
     p.add_argument("--model", default=None, help="an evaluated model (default: the champion)")
     p.add_argument("--out", default="release", help="bundle folder (default: %(default)s)")
+    p.add_argument("--card-only", action="store_true",
+                   help="re-render MODEL_CARD.md (and the facts it states in model.json) of the "
+                        "release in --out, without exporting the model again")
     p.set_defaults(func=_export)
+
 
     p = sub.add_parser("run", help="run the pipeline in a copy of the checkout, recorded as a "
                                    "DVC experiment, optionally with a profile")
@@ -264,3 +295,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="start on a machine without a GPU (trainings on CPU); "
                         "or FER_WORKER_ALLOW_NO_GPU=1")
     p.set_defaults(func=_worker)
+
+    p = sub.add_parser("schemas", help="write the JSON Schemas of the artifacts and answers "
+                                       "(docs/schemas/)")
+    p.add_argument("--out", default="docs/schemas", help="folder (default: %(default)s)")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 when the files there are not current")
+    p.set_defaults(func=_schemas)

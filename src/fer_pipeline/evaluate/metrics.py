@@ -166,13 +166,3 @@ def robustness_suite(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
         metrics.update(robust_mean_accuracy=float(np.mean(list(per.values()))),
                        robust_worst_drop=clean - per[worst], robust_worst_corruption=worst)
     return Robustness(rows, metrics)
-
-
-def flat_mlflow_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """`test_*` numbers and per-class `test_{precision,recall,f1}_<class>` for MLflow."""
-    flat = {k: float(v) for k, v in metrics.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and v is not None}
-    for cls, row in metrics.get("per_class", {}).items():
-        for key in ("precision", "recall", "f1"):
-            flat[f"test_{key}_{cls}"] = float(row[key])
-    return flat

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fer_pipeline.artifacts.evaluation import ChampionBefore, Decision, RegistryOutcome
 from fer_pipeline.errors import FerError
 from fer_pipeline.params import RegistryParams
 
@@ -95,23 +96,6 @@ def import_local_model(name: str, model: Any, model_path: Path, x_example: Any,
                          **{k: str(v) for k, v in origin.items()
                             if k in ("arch", "pipeline_run_id", "precision", "backend")}})
         return run.info.run_id, uri
-
-
-@dataclass
-class RegistryOutcome:
-    model_name: str
-    champion: str                 # the candidate this evaluation put forward
-    version: str | None           # its registered version
-    new_version: bool             # a version was created by this call
-    alias_moved: bool             # the champion alias changed by this call
-    previous_version: str | None
-    message: str
-    decision: str = ""            # promoted | kept | not_asked | already_champion
-    reason: str = ""
-    champion_before: dict[str, Any] | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -197,30 +181,33 @@ def _move_champion(client: Any, rp: RegistryParams, version: str, label: str,
 
 
 def _decide(rp: RegistryParams, cand: Candidate, current: Any | None, promote: bool,
-            not_asked: str, rescore: Callable[[str], float]) -> tuple[str, str, dict | None]:
+            not_asked: str, rescore: Callable[[str], float]
+            ) -> tuple[Decision, str, ChampionBefore | None]:
     """(decision, reason, what the champion was) by the written policy (docs: the registry)."""
     if current is None:
-        return ("promoted", "no champion yet", None) if promote else ("not_asked", not_asked, None)
+        return (Decision.PROMOTED, "no champion yet", None) if promote else \
+            (Decision.NOT_ASKED, not_asked, None)
     tags = current.tags or {}
-    before: dict[str, Any] = {"version": str(current.version), "model": tags.get("model_name"),
-                              "val_accuracy": _float(tags.get("val_accuracy")),
-                              "val_data_md5": tags.get("val_data_md5")}
+    before = ChampionBefore(version=str(current.version), model=tags.get("model_name"),
+                            val_accuracy=_float(tags.get("val_accuracy")),
+                            val_data_md5=tags.get("val_data_md5"))
     if _same_model(current, cand.model_uri):
-        return "already_champion", f"{cand.name} is already @{rp.champion_alias}", before
+        return Decision.ALREADY_CHAMPION, f"{cand.name} is already @{rp.champion_alias}", before
     if not promote:
-        return "not_asked", not_asked, before
-    champ = before["val_accuracy"]
-    if before["val_data_md5"] != cand.val_data_md5 or champ is None:
+        return Decision.NOT_ASKED, not_asked, before
+    champ = before.val_accuracy
+    if before.val_data_md5 != cand.val_data_md5 or champ is None:
         # Validated on other data (or unknown): score the champion on this validation split.
-        champ = before["rescored_val_accuracy"] = round(
+        champ = before.rescored_val_accuracy = round(
             rescore(f"models:/{rp.model_name}/{current.version}"), 4)
     margin = rp.min_improvement
     if cand.val_accuracy > champ + margin:
-        return ("promoted", f"val accuracy {cand.val_accuracy:.4f} > champion v{current.version}'s "
-                            f"{champ:.4f} + min_improvement {margin}", before)
-    return ("kept", f"val accuracy {cand.val_accuracy:.4f} does not beat champion "
-                    f"v{current.version}'s {champ:.4f} by more than min_improvement {margin}",
-            before)
+        return (Decision.PROMOTED, f"val accuracy {cand.val_accuracy:.4f} > champion "
+                                   f"v{current.version}'s {champ:.4f} + min_improvement {margin}",
+                before)
+    return (Decision.KEPT, f"val accuracy {cand.val_accuracy:.4f} does not beat champion "
+                           f"v{current.version}'s {champ:.4f} by more than min_improvement "
+                           f"{margin}", before)
 
 
 def _float(text: str | None) -> float | None:
@@ -251,19 +238,21 @@ def register_and_decide(rp: RegistryParams, cand: Candidate, promote: bool, not_
             mv, new = mlflow.register_model(cand.model_uri, name, tags=tags), True
         decision, reason, before = _decide(rp, cand, current, promote, not_asked, rescore)
         previous = None
-        if decision == "promoted":
+        if decision is Decision.PROMOTED:
             previous = _move_champion(client, rp, str(mv.version), cand.name, current)
-        if decision != "already_champion":   # keep the record of how it became champion
+        if decision is not Decision.ALREADY_CHAMPION:   # keep how it became champion
             stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            for key, value in {**tags, "promotion_decision": decision,
+            for key, value in {**tags, "promotion_decision": decision.value,
                                "promotion_reason": reason, "decided_at": stamp}.items():
                 client.set_model_version_tag(name, mv.version, key, value)
     what = "new version" if new else "existing version"
     msg = (f"{name} v{mv.version} (`{cand.name}`, {what}): {decision} ({reason})"
            + (f"; v{previous} is @{rp.previous_alias}" if previous else ""))
     log.info(msg)
-    return RegistryOutcome(name, cand.name, str(mv.version), new, decision == "promoted",
-                           previous, msg, decision, reason, before)
+    return RegistryOutcome(model_name=name, champion=cand.name, version=str(mv.version),
+                           new_version=new, alias_moved=decision is Decision.PROMOTED,
+                           previous_version=previous, message=msg, decision=decision,
+                           reason=reason, champion_before=before)
 
 
 def promote(rp: RegistryParams, reason: str, version: str | None = None,
@@ -292,11 +281,12 @@ def promote(rp: RegistryParams, reason: str, version: str | None = None,
         label = (target.tags or {}).get("model_name", f"v{target.version}")
         previous = _move_champion(client, rp, str(target.version), f"{label}(manual)", current)
         stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        for key, value in {"promotion_decision": "manual", "promotion_reason": reason,
+        for key, value in {"promotion_decision": Decision.MANUAL.value, "promotion_reason": reason,
                            "decided_by": getpass.getuser(), "decided_at": stamp}.items():
             client.set_model_version_tag(name, target.version, key, value)
     msg = (f"{name} v{target.version} is now @{rp.champion_alias} ({reason})"
            + (f"; v{previous} is @{rp.previous_alias}" if previous else ""))
     log.info(msg)
-    return RegistryOutcome(name, label, str(target.version), False, True, previous, msg,
-                           "manual", reason)
+    return RegistryOutcome(model_name=name, champion=label, version=str(target.version),
+                           new_version=False, alias_moved=True, previous_version=previous,
+                           message=msg, decision=Decision.MANUAL, reason=reason)

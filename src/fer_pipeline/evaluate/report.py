@@ -2,8 +2,8 @@
 
 Layout (one folder per kind, one file per model, so dvc.yaml can declare each folder once
 whatever the models are):
-  metrics.json                      DVC metrics, nested per model
-  comparison.md / comparison.csv    one row per model; names the champion
+  metrics.json, champion.json       typed (fer_pipeline.artifacts.evaluation), written by the stage
+  comparison.md / comparison.csv    one row per model, the columns METRICS declares
   confusion/<name>.csv              one row per test image (actual, predicted): DVC `confusion` plot
   confusion_normalized/<name>.csv   the same rows for DVC's `confusion_normalized` template
   per_class/<name>.csv              precision/recall/F1/support per class
@@ -14,30 +14,15 @@ Every file is written atomically (`fer_pipeline.io`): a crash never leaves half 
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fer_pipeline.artifacts.evaluation import comparison_columns
 from fer_pipeline.evaluate.metrics import row_normalize
-from fer_pipeline.io import atomic_path, write_json, write_text
+from fer_pipeline.io import atomic_path, write_text
 from fer_pipeline.plots import history_figure
-
-COMPARISON_COLUMNS = [
-    ("model", "model"), ("arch", "arch"), ("pretrained", "pretrained"),
-    ("trainable_params", "params"), ("epochs_run", "epochs"), ("best_epoch", "best epoch"),
-    ("train_images", "train images"), ("train_seconds", "train s"), ("val_accuracy", "val acc"),
-    ("test_accuracy", "test acc"),
-    ("test_accuracy_public", "PublicTest acc"), ("test_accuracy_private", "PrivateTest acc"),
-    ("test_accuracy_clean", "clean test acc"), ("test_macro_f1", "macro F1"),
-    ("test_weighted_f1", "weighted F1"), ("test_top2_accuracy", "top-2 acc"),
-    ("robust_mean_accuracy", "corrupted acc"), ("robust_worst_drop", "worst drop"),
-    ("robust_worst_corruption", "worst corruption"),
-    ("test_ece", "ECE"), ("test_ece_calibrated", "ECE scaled"), ("temperature", "T"),
-    ("images_per_second", "img/s"), ("stale", "stale val data"), ("champion", "champion"),
-    ("recipe", "recipe"),
-]
 
 
 def _pyplot():
@@ -152,34 +137,21 @@ def write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None
         w.writerows(rows)
 
 
-def _fmt(key: str, value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if key == "trainable_params":
-        return f"{int(value):,}"
-    if key in ("train_seconds", "images_per_second"):
-        return f"{float(value):,.0f}"
-    if key == "temperature":
-        return f"{float(value):.2f}"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
-
-
-def comparison_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{key: r.get(key) for key, _ in COMPARISON_COLUMNS} for r in results.values()]
+LEFT_ALIGNED = ("model", "arch")   # the names; every other column is right-aligned
 
 
 def write_comparison(out_dir: Path, rows: list[dict[str, Any]], champion: str | None,
                      note: dict[str, Any]) -> None:
-    keys = [k for k, _ in COMPARISON_COLUMNS]
+    """comparison.csv (raw values) and comparison.md (formatted by each metric's unit): one
+    row per model, the columns METRICS declares."""
+    columns = comparison_columns()
+    keys = [m.key for m in columns]
     write_csv(out_dir / "comparison.csv", rows, keys)
-    head = "| " + " | ".join(h for _, h in COMPARISON_COLUMNS) + " |"
-    sep = "|" + "|".join("---" if k in ("model", "arch") else "---:" for k in keys) + "|"
-    body = ["| " + " | ".join(("**" + _fmt(k, r[k]) + "**") if k == "model" and r[k] == champion
-                              else _fmt(k, r[k]) for k in keys) + " |" for r in rows]
+    head = "| " + " | ".join(m.column or m.key for m in columns) + " |"
+    sep = "|" + "|".join("---" if k in LEFT_ALIGNED else "---:" for k in keys) + "|"
+    body = ["| " + " | ".join(("**" + m.unit.cell(r[m.key]) + "**")
+                              if m.key == "model" and r[m.key] == champion
+                              else m.unit.cell(r[m.key]) for m in columns) + " |" for r in rows]
     champ_line = (f"**Champion: `{champion}`** (highest validation accuracy; ties: fewer "
                   f"parameters; the test set never chooses)." if champion else
                   "No champion: no model could be ranked.")
@@ -194,7 +166,3 @@ def write_comparison(out_dir: Path, rows: list[dict[str, Any]], champion: str | 
     if note.get("registry"):
         lines += [f"Registry: {note['registry']}", ""]
     write_text(out_dir / "comparison.md", "\n".join(lines))
-
-
-def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    write_json(path, metrics)

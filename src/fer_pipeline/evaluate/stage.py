@@ -5,6 +5,11 @@ One implementation, `evaluate_models`, used by the CLI, DVC (`evaluate` stage), 
 The test split is read here and nowhere else; the champion is chosen by validation accuracy
 from training (reports/train/<name>/metrics.json), never by a test number. What training
 leaves is read from files (model, reports), so this stage imports nothing from `train`.
+
+What is measured is the scorers' (scorers.py); what each output carries is the declared metric
+list (fer_pipeline.artifacts.evaluation.METRICS). This module runs the scorers per model, writes
+their files, logs them to MLflow, applies the champion rule and the registry's policy, and
+writes metrics.json, the comparison and champion.json.
 """
 
 from __future__ import annotations
@@ -14,37 +19,54 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from fer_pipeline.artifacts.evaluation import (
+    ChampionRecord,
+    EvaluationMetrics,
+    ModelEvaluation,
+    RegistryOutcome,
+    comparison_columns,
+    mlflow_metrics,
+)
+from fer_pipeline.artifacts.train import TrainMetrics
 from fer_pipeline.errors import FerError, MissingInputError, ParamsError
-from fer_pipeline.io import md5_file, staged_dir, write_json
+from fer_pipeline.io import md5_file, staged_dir
 from fer_pipeline.params import EvaluateParams, MlflowParams, ModelParams, RegistryParams, TrainParams
 from fer_pipeline.tracking import data_hashes, setup_tracking
 
+if TYPE_CHECKING:
+    from fer_pipeline.evaluate.scorers import Score
+
 log = logging.getLogger(__name__)
 
-TRAIN_KEYS = ("arch", "pretrained", "trainable_params", "epochs_run", "best_epoch",
-              "train_images", "train_seconds", "val_accuracy")
+
+@dataclass
+class ModelReport:
+    """One evaluated model: who it is, what it scored (its metrics.json entry) and the MLflow
+    run the evaluation was logged to."""
+
+    name: str
+    arch: str
+    recipe: str                       # the recipe in words (comparison table, not a metric)
+    metrics: ModelEvaluation          # type: ignore[valid-type]
+    run_id: str | None = None         # None: not logged (log_mlflow=False)
+
+    def value(self, key: str) -> Any:
+        """A comparison column's value: the model's identity, else its metric."""
+        identity = {"model": self.name, "arch": self.arch, "recipe": self.recipe}
+        return identity[key] if key in identity else self.metrics.value(key)
 
 
 @dataclass
 class EvaluationResult:
-    models: dict[str, dict[str, Any]]       # per model: comparison row + all test metrics
+    models: dict[str, ModelReport]
     champion: str | None
-    registry: dict[str, Any] | None
+    registry: RegistryOutcome | None
     reports_dir: Path
     skipped: list[str] = field(default_factory=list)
-
-
-def _read_json(path: Path, what: str, stage: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise MissingInputError(f"{what} not found: {path}. Run `dvc repro {stage}` first.")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FerError(f"{what} {path} is not valid JSON ({exc}); rerun `dvc repro {stage}`") from exc
 
 
 def select_models(models: dict[str, ModelParams], models_dir: Path,
@@ -83,216 +105,209 @@ def evaluate_models(models: dict[str, ModelParams], train: TrainParams, mlflow: 
     """
     from fer_pipeline.arrays import load_split
     from fer_pipeline.champion import choose_champion
+    from fer_pipeline.evaluate.scorers import score_model
+
+    register = registry.enabled if register is None else register
+    train_reports, models_dir = Path(train.reports_dir), Path(train.models_dir)
+    found, skipped = select_models(models, models_dir, names)
+    trained, stale, val_md5 = _check_inputs(found, train_reports, evaluate)
+    mlflow_info, to_import = _tracking(found, train_reports, mlflow, log_mlflow or register)
+    test = load_split(evaluate.test_path)
+    val = load_split(evaluate.val_path) if evaluate.calibrate else None
+    import keras
+
+    log.info("Keras backend: %s", keras.backend.backend())
+    out = Path(evaluate.reports_dir)
+    # Every file goes to a staging folder that replaces reports/evaluate only when all is
+    # written: a failure (a model that does not load, a registry error) leaves the old reports.
+    with staged_dir(out) as work:
+        scored: dict[str, dict[str, Any]] = {}      # name -> metrics.json values, by the scorers
+        run_ids: dict[str, str | None] = {}
+        for i, name in enumerate(found, 1):
+            model = _load(name, models_dir, test.classes, i, len(found), test, val, evaluate)
+            if name in to_import:
+                mlflow_info[name] = _imported(name, model, models_dir, test, mlflow_info[name])
+            scores = score_model(name, model, test, val, evaluate, trained[name],
+                                 train_reports / name / "history.csv")
+            del model
+            keras.backend.clear_session()
+            scored[name], run_ids[name] = _keep(name, scores, work, evaluate, log_mlflow,
+                                                mlflow_info[name].get("run_id"))
+
+        champion = choose_champion({n: scored[n] for n in found if n not in stale})
+        reports = {n: ModelReport(n, mlflow_info[n].get("arch", models[n].arch),
+                                  models[n].summary(), ModelEvaluation.parse(
+                                      {**scored[n], "stale": n in stale, "champion": n == champion},
+                                      f"metrics of {n}"), run_ids[n])
+                   for n in found}
+        outcome = _register(registry, register, champion, mlflow_info, reports, test.classes,
+                            val_md5, evaluate, names, promote)
+        _write_reports(work, reports, champion, outcome, val_md5, stale, evaluate, registry)
+    log.info("champion: %s; comparison in %s", champion, out / "comparison.md")
+    return EvaluationResult(reports, champion, outcome, out, skipped)
+
+
+def _check_inputs(found: list[str], train_reports: Path, evaluate: EvaluateParams
+                  ) -> tuple[dict[str, TrainMetrics], list[str], str]:
+    """Cheap checks before any model loads: the params' corruptions, every model's training
+    metrics, the val split. (training metrics, stale models, the val split's md5)."""
     from fer_pipeline.corruptions import CORRUPTIONS
-    from fer_pipeline.evaluate import metrics as M
-    from fer_pipeline.evaluate import report as R
-    from fer_pipeline.evaluate.registry import (
-        Candidate,
-        import_local_model,
-        log_evaluation,
-        register_and_decide,
-    )
-    from fer_pipeline.keras_mlflow import model_in_store
 
     unknown = [c for c in evaluate.robustness.corruptions if c not in CORRUPTIONS]
     if evaluate.robustness.enabled and unknown:
         raise ParamsError(f"evaluate.robustness.corruptions: unknown {', '.join(unknown)} "
                           f"(known: {', '.join(CORRUPTIONS)})")
-    register = registry.enabled if register is None else register
-    train_reports = Path(train.reports_dir)
-    models_dir = Path(train.models_dir)
-    found, skipped = select_models(models, models_dir, names)
-    out = Path(evaluate.reports_dir)
-
-    # Cheap checks first: training reports of every model, tracking store reachable.
-    train_metrics = {n: _read_json(train_reports / n / "metrics.json", f"training metrics of {n}",
-                                   f"train@{n}") for n in found}
+    trained = {n: TrainMetrics.read(train_reports / n / "metrics.json",
+                                    f"training metrics of {n}: run `dvc repro train@{n}` first")
+               for n in found}
     if not Path(evaluate.val_path).is_file():
         raise MissingInputError(f"validation split {evaluate.val_path} not found (which models are "
                                 f"comparable is decided on it). Run `dvc repro split` first.")
     val_md5 = md5_file(evaluate.val_path)
-    stale = [n for n in found if _trained_on(n, train_metrics[n], evaluate.val_path) != val_md5]
+    stale = [n for n in found if _trained_on(n, trained[n], evaluate.val_path) != val_md5]
     for n in stale:
         log.warning("%s was validated on other data than %s: reported as stale, not ranked. "
                     "Run `dvc repro train@%s`.", n, evaluate.val_path, n)
-    mlflow_info = {n: (json.loads(p.read_text()) if (p := train_reports / n / "mlflow.json").is_file()
-                       else {}) for n in found}
-    to_import: set[str] = set()
-    if log_mlflow or register:
-        uri = setup_tracking(mlflow.tracking_uri, mlflow.experiment, mlflow.probe_timeout_s)
-        log.info("MLflow tracking: %s", uri)
-        # A model logged into another store (pulled with DVC into a fresh clone): its local
-        # file is logged here instead, so it can be evaluated, registered and served.
-        to_import = {n for n in found if mlflow_info[n].get("model_uri")
-                     and not model_in_store(mlflow_info[n]["model_uri"])}
+    return trained, stale, val_md5
 
-    test = load_split(evaluate.test_path)
-    classes = test.classes
-    val = load_split(evaluate.val_path) if evaluate.calibrate else None
+
+def _tracking(found: list[str], train_reports: Path, mlflow: MlflowParams, needed: bool
+              ) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """Each model's MLflow facts from training (reports/train/<name>/mlflow.json) and, with a
+    tracking store needed, the store checked and the models whose logged model is not in it."""
+    from fer_pipeline.keras_mlflow import model_in_store
+
+    info = {n: (json.loads(p.read_text()) if (p := train_reports / n / "mlflow.json").is_file()
+                else {}) for n in found}
+    if not needed:
+        return info, set()
+    uri = setup_tracking(mlflow.tracking_uri, mlflow.experiment, mlflow.probe_timeout_s)
+    log.info("MLflow tracking: %s", uri)
+    # A model logged into another store (pulled with DVC into a fresh clone): its local file is
+    # logged here instead, so it can be evaluated, registered and served.
+    return info, {n for n in found if info[n].get("model_uri")
+                  and not model_in_store(info[n]["model_uri"])}
+
+
+def _imported(name: str, model: Any, models_dir: Path, test: Any,
+              info: dict[str, Any]) -> dict[str, Any]:
+    """`info` once the model's local file is logged into the current store."""
+    from fer_pipeline.evaluate.registry import import_local_model
+
+    run_id, model_uri = import_local_model(name, model, models_dir / name / "model.keras",
+                                           test.x[:4], info)
+    return {**info, "run_id": run_id, "model_uri": model_uri, "imported": True}
+
+
+def _load(name: str, models_dir: Path, classes: list[str], i: int, n: int, test: Any,
+          val: Any, evaluate: EvaluateParams) -> Any:
+    """The trained model, checked to predict the test split's classes."""
     import keras
 
-    log.info("Keras backend: %s", keras.backend.backend())
-    # Every file goes to a staging folder that replaces reports/evaluate only when all is
-    # written: a failure (a model that does not load, a registry error) leaves the old reports.
-    with staged_dir(out) as work:
-        results: dict[str, dict[str, Any]] = {}
-        metrics_out: dict[str, dict[str, Any]] = {}
-        rp = evaluate.robustness
-        for i, name in enumerate(found, 1):
-            # Scoring one model takes minutes on a CPU: say what is running before it runs.
-            log.info("scoring %s (%d/%d): %d test images (tta %s)%s%s", name, i, len(found),
-                     len(test.y), evaluate.tta,
-                     f", {len(val.y)} val images (calibration)" if val is not None else "",
-                     f", corruption suite ({len(rp.corruptions)} x {len(rp.severities)} passes)"
-                     if rp.enabled else "")
-            model = keras.saving.load_model(models_dir / name / "model.keras", compile=False)
-            n_out = int(model.output_shape[-1])
-            if n_out != len(classes):
-                raise FerError(f"{name} predicts {n_out} classes but the test split has "
-                               f"{len(classes)} ({', '.join(classes)}); retrain it: "
-                               f"`dvc repro train@{name}`")
-            if name in to_import:
-                run_id, model_uri = import_local_model(name, model, models_dir / name / "model.keras",
-                                                       test.x[:4], mlflow_info[name])
-                mlflow_info[name] = {**mlflow_info[name], "run_id": run_id, "model_uri": model_uri,
-                                     "imported": True}
-            pred = M.predict_proba(model, test.x, evaluate.batch_size, evaluate.tta)
-            val_probs = (M.predict_proba(model, val.x, evaluate.batch_size, evaluate.tta).probs
-                         if val is not None else None)
-            rob = M.robustness_suite(
-                lambda xb, model=model: model.predict(xb, batch_size=evaluate.batch_size, verbose=0),
-                test.x, test.y, rp.corruptions, rp.severities, rp.max_images, rp.seed) \
-                if rp.enabled else None
-            del model
-            keras.backend.clear_session()
-            m = M.compute_metrics(test.y, pred.probs, classes, test.origin, test.flags)
-            cal = M.calibration_metrics(test.y, pred.probs, val.y, val_probs) \
-                if val is not None else None
-            if cal is not None:
-                m.update(cal.metrics)
-            if rob is not None:
-                m.update(rob.metrics)
-            y_pred = pred.probs.argmax(axis=1)
-            cm = M.confusion(test.y, y_pred, len(classes))
-            tm = train_metrics[name]
-            row: dict[str, Any] = {"model": name, "arch": mlflow_info[name].get("arch", models[name].arch)}
-            row.update({k: tm.get(k) for k in TRAIN_KEYS if k != "arch"})
-            row["recipe"] = models[name].summary()   # the comparison's words, not a metric
-            row.update({k: v for k, v in m.items() if k != "per_class"})
-            row["images_per_second"] = round(pred.images_per_second, 1)
-            results[name] = row
-            metrics_out[name] = {k: v for k, v in row.items() if k not in ("model", "arch", "recipe")}
-            metrics_out[name]["per_class"] = m["per_class"]
-            log.info("%s: test acc %.4f (public %s, private %s, clean %s), macro F1 %.4f, top-2 %.4f, "
-                     "%.0f img/s", name, m["test_accuracy"], _f(m["test_accuracy_public"]),
-                     _f(m["test_accuracy_private"]), _f(m["test_accuracy_clean"]), m["test_macro_f1"],
-                     m["test_top2_accuracy"], pred.images_per_second)
-            if rob is not None and "robust_mean_accuracy" in m:
-                log.info("%s: corruption suite (%d images): clean %.4f, mean %.4f, worst drop "
-                         "%.4f (%s)", name, m["robust_n"], m["robust_clean_accuracy"],
-                         m["robust_mean_accuracy"], m["robust_worst_drop"],
-                         m["robust_worst_corruption"])
-            if cal is not None:
-                log.info("%s: calibration on test: ECE %.4f -> %.4f, NLL %.4f -> %.4f with T=%.3f "
-                         "(fitted on val)", name, m["test_ece"], m["test_ece_calibrated"],
-                         m["test_nll"], m["test_nll_calibrated"], cal.temperature)
-
-            # Files.
-            figs = {
-                "confusion": R.confusion_figure(cm, classes, f"{name}: confusion (counts)", False),
-                "confusion_normalized": R.confusion_figure(cm, classes,
-                                                           f"{name}: confusion (row-normalised)", True),
-                "curves": R.curves_figure(train_reports / name / "history.csv",
-                                          f"{name}: training curves"),
-            }
-            if cal is not None:
-                figs["reliability"] = R.reliability_figure(
-                    cal.before, cal.after, f"{name}: reliability on test (T={cal.temperature:.2f} "
-                    "fitted on val)", m["test_ece"], m["test_ece_calibrated"])
-                R.write_csv(work / "coverage" / f"{name}.csv", cal.coverage,
-                            ["threshold", "coverage", "accuracy"])
-            if rob is not None:
-                figs["robustness"] = R.robustness_figure(
-                    rob.rows, m["robust_clean_accuracy"],
-                    f"{name}: accuracy under corruptions ({m['robust_n']} test images, no TTA)")
-                R.write_csv(work / "robustness" / f"{name}.csv", rob.rows,
-                            ["corruption", "severity", "accuracy"])
-            for kind, fig in figs.items():
-                if fig is not None:
-                    R.save_figure(fig, work / "images" / f"{name}_{kind}.png")
-            for kind in ("confusion", "confusion_normalized"):  # same rows, two DVC templates
-                R.write_confusion_csv(work / kind / f"{name}.csv", test.y, y_pred, classes)
-            pc_rows = R.per_class_rows(m)
-            R.write_csv(work / "per_class" / f"{name}.csv", pc_rows,
-                        ["class", "precision", "recall", "f1", "support"])
-            if log_mlflow:
-                flat = M.flat_mlflow_metrics(m)
-                flat["test_images_per_second"] = float(pred.images_per_second)
-                run_id = log_evaluation(
-                    mlflow_info[name].get("run_id"), name, flat,
-                    {f"evaluation/{k}.png": f for k, f in figs.items()}, pc_rows,
-                    {"eval_tta": evaluate.tta, "test_data_md5": _md5(evaluate.test_path)})
-                results[name]["_run_id"] = run_id
-            _close(figs.values())
-
-        for n in found:
-            results[n]["stale"] = metrics_out[n]["stale"] = n in stale
-        champion = choose_champion({n: results[n] for n in found if n not in stale})
-        for n in found:
-            results[n]["champion"] = n == champion
-            metrics_out[n]["champion"] = n == champion
-        outcome = None
-        if register and champion:
-            uri = mlflow_info[champion].get("model_uri")
-            if not uri:
-                log.warning("champion %s has no logged MLflow model (mlflow.log_model was false): "
-                            "not registered", champion)
-            else:
-                cinfo = mlflow_info[champion]
-                asked = promote if promote is not None else registry.promote and not names
-                not_asked = ("a --model subset was evaluated (pass --promote to allow it)" if names
-                             else "registry.promote is false (pass --promote to allow it)")
-                outcome = register_and_decide(registry, Candidate(
-                    champion, uri, float(results[champion]["val_accuracy"]), val_md5, {
-                        "arch": str(cinfo.get("arch", "")), "classes": ",".join(classes),
-                        "test_accuracy": f"{results[champion]['test_accuracy']:.4f}",
-                        "temperature": f"{results[champion].get('temperature') or 1.0:.6g}",
-                        "temperature_tta": evaluate.tta,
-                        "pretrained": str(results[champion].get("pretrained")).lower(),
-                        "input": "float32 (N,48,48,1) raw grayscale 0..255"}),
-                    bool(asked), not_asked,
-                    lambda model_uri: _val_accuracy(model_uri, evaluate.val_path,
-                                                    evaluate.batch_size)).as_dict()
-
-        R.write_metrics(work / "metrics.json", metrics_out)
-        first = results[found[0]]
-        note = {k: first[k] for k in ("test_n", "test_n_public", "test_n_private", "test_n_clean")}
-        note.update(tta=evaluate.tta, batch_size=evaluate.batch_size,
-                    registry=outcome["message"] if outcome else None)
-        rows = R.comparison_rows({n: results[n] for n in found})
-        R.write_comparison(work, rows, champion, note)
-        write_json(work / "champion.json", {
-            "champion": champion, "val_accuracy": results[champion]["val_accuracy"] if champion else None,
-            "val_data_md5": val_md5, "stale": stale, "min_improvement": registry.min_improvement,
-            "decision": outcome["decision"] if outcome else None,
-            "reason": outcome["reason"] if outcome else None, "registry": outcome})
-    log.info("champion: %s; comparison in %s", champion, out / "comparison.md")
-    return EvaluationResult(results, champion, outcome, out, skipped)
+    rp = evaluate.robustness
+    # Scoring one model takes minutes on a CPU: say what is running before it runs.
+    log.info("scoring %s (%d/%d): %d test images (tta %s)%s%s", name, i, n, len(test.y),
+             evaluate.tta, f", {len(val.y)} val images (calibration)" if val is not None else "",
+             f", corruption suite ({len(rp.corruptions)} x {len(rp.severities)} passes)"
+             if rp.enabled else "")
+    model = keras.saving.load_model(models_dir / name / "model.keras", compile=False)
+    n_out = int(model.output_shape[-1])
+    if n_out != len(classes):
+        raise FerError(f"{name} predicts {n_out} classes but the test split has "
+                       f"{len(classes)} ({', '.join(classes)}); retrain it: "
+                       f"`dvc repro train@{name}`")
+    return model
 
 
-def _f(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4f}"
+def _keep(name: str, scores: list[Score], work: Path, evaluate: EvaluateParams,
+          log_mlflow: bool, run_id: str | None) -> tuple[dict[str, Any], str | None]:
+    """The scorers' files and figures written, the evaluation logged into the model's MLflow
+    run: (metrics.json values, the run it was logged to)."""
+    from fer_pipeline.evaluate import report as R
+    from fer_pipeline.evaluate.registry import log_evaluation
+    from fer_pipeline.evaluate.scorers import AccuracyScore
+
+    values = {k: v for s in scores for k, v in s.metrics.items()}
+    # A scorer's key that METRICS does not declare fails now, not after every model is scored.
+    ModelEvaluation.parse({**values, "stale": False, "champion": False}, f"metrics of {name}")
+    figures = {kind: fig for s in scores for kind, fig in s.figures.items()}
+    for s in scores:
+        for folder, write in s.files.items():
+            write(work / folder / f"{name}.csv")
+    for kind, fig in figures.items():
+        R.save_figure(fig, work / "images" / f"{name}_{kind}.png")
+    logged = None
+    if log_mlflow:
+        per_class = next(s.per_class_rows for s in scores if isinstance(s, AccuracyScore))
+        logged = log_evaluation(run_id, name, mlflow_metrics(values),
+                                {f"evaluation/{k}.png": f for k, f in figures.items()}, per_class,
+                                {"eval_tta": evaluate.tta, "test_data_md5": _md5(evaluate.test_path)})
+    _close(figures.values())
+    return values, logged
+
+
+def _register(registry: RegistryParams, register: bool, champion: str | None,
+              mlflow_info: dict[str, dict[str, Any]], reports: dict[str, ModelReport],
+              classes: list[str], val_md5: str, evaluate: EvaluateParams,
+              names: list[str] | None, promote: bool | None) -> RegistryOutcome | None:
+    """Register the champion and let the promotion policy decide; None when not asked to or
+    when it has no logged model."""
+    from fer_pipeline.evaluate.registry import Candidate, register_and_decide
+
+    if not (register and champion):
+        return None
+    uri = mlflow_info[champion].get("model_uri")
+    if not uri:
+        log.warning("champion %s has no logged MLflow model (mlflow.log_model was false): "
+                    "not registered", champion)
+        return None
+    ev = reports[champion].metrics
+    asked = promote if promote is not None else registry.promote and not names
+    not_asked = ("a --model subset was evaluated (pass --promote to allow it)" if names
+                 else "registry.promote is false (pass --promote to allow it)")
+    return register_and_decide(registry, Candidate(
+        champion, uri, float(ev.val_accuracy), val_md5, {
+            "arch": str(mlflow_info[champion].get("arch", "")), "classes": ",".join(classes),
+            "test_accuracy": f"{ev.test_accuracy:.4f}",
+            "temperature": f"{ev.temperature or 1.0:.6g}",
+            "temperature_tta": evaluate.tta,
+            "pretrained": str(ev.pretrained).lower(),
+            "input": "float32 (N,48,48,1) raw grayscale 0..255"}),
+        bool(asked), not_asked,
+        lambda model_uri: _val_accuracy(model_uri, evaluate.val_path, evaluate.batch_size))
+
+
+def _write_reports(work: Path, reports: dict[str, ModelReport], champion: str | None,
+                   outcome: RegistryOutcome | None, val_md5: str, stale: list[str],
+                   evaluate: EvaluateParams, registry: RegistryParams) -> None:
+    """metrics.json, comparison.{md,csv} and champion.json."""
+    from fer_pipeline.evaluate import report as R
+
+    EvaluationMetrics({n: r.metrics for n, r in reports.items()}).write(work / "metrics.json")
+    first = next(iter(reports.values()))
+    note = {k: first.value(k) for k in ("test_n", "test_n_public", "test_n_private", "test_n_clean")}
+    note.update(tta=evaluate.tta, batch_size=evaluate.batch_size,
+                registry=outcome.message if outcome else None)
+    rows = [{m.key: r.value(m.key) for m in comparison_columns()} for r in reports.values()]
+    R.write_comparison(work, rows, champion, note)
+    ChampionRecord(
+        champion=champion,
+        val_accuracy=reports[champion].metrics.val_accuracy if champion else None,
+        val_data_md5=val_md5, stale=stale, min_improvement=registry.min_improvement,
+        decision=outcome.decision if outcome else None,
+        reason=outcome.reason if outcome else None, registry=outcome,
+    ).write(work / "champion.json")
 
 
 def _md5(path: str | Path) -> str:
     return next(iter(data_hashes([path]).values()))
 
 
-def _trained_on(name: str, metrics: dict[str, Any], val_path: str) -> str | None:
+def _trained_on(name: str, metrics: TrainMetrics, val_path: str) -> str | None:
     """md5 of the validation split a model was validated on: what training recorded, else what
     dvc.lock recorded as train@<name>'s dependency (models trained before training recorded it)."""
-    if metrics.get("data_md5_val"):
-        return str(metrics["data_md5_val"])
+    if metrics.data_md5_val:
+        return metrics.data_md5_val
     lock = Path("dvc.lock")
     if not lock.is_file():
         return None

@@ -18,6 +18,7 @@ from typing import Any
 from fer_pipeline import io
 from fer_pipeline import params as P
 from fer_pipeline.arrays import PROCESSED_DIR, SplitArrays, load_split, split_path
+from fer_pipeline.artifacts.train import TrainMetrics
 from fer_pipeline.errors import FerError
 from fer_pipeline.params import MlflowParams, ModelParams, TrainParams
 from fer_pipeline.soft_labels import TEACHER_DIR, load_soft_labels, teacher_path
@@ -148,7 +149,7 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
 
     # 8. Outputs (atomic), then the resume state goes.
     io.copy_file(state.history_file, out / "history.csv")
-    io.write_json(out / "metrics.json", metrics)
+    TrainMetrics.parse(metrics, f"{name}'s training metrics").write(out / "metrics.json")
     summary = run.summary(info)
     if summary:
         io.write_json(out / "mlflow.json", summary)

@@ -1,0 +1,1 @@
+"""Templates rendered by the package (the release's model card)."""
