@@ -53,7 +53,7 @@ serve: setup  ## fer serve: HTTP + web page on http://127.0.0.1:8000/ (the champ
 	$(BIN)/fer serve
 
 schemas: setup  ## regenerate docs/schemas/ (JSON Schemas; a test fails when they are stale)
-	$(BIN)/python -c "from fer_pipeline import params as P; P.SCHEMA_PATH.write_text(P.schema_text())"
+	$(BIN)/fer schemas
 
 lint: setup  ## ruff
 	$(BIN)/ruff check src flows tests benchmarks experiments

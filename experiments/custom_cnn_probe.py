@@ -5,7 +5,7 @@ own `train_model`, on the split arrays capped per class (train and val both from
 split: val is never the test folder), and prints one row: the overrides, images, validation
 accuracy per epoch, the best, trainable params, seconds per epoch, precision. No MLflow.
 
-    PYTHONPATH=benchmarks python experiments/custom_cnn_probe.py --cap 600 --epochs 6 -S models.custom_cnn.bn_momentum=0.9
+    python experiments/custom_cnn_probe.py --cap 600 --epochs 6 -S models.custom_cnn.dense_bn=true
 """
 
 from __future__ import annotations

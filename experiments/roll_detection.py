@@ -39,12 +39,13 @@ def canvas(face: np.ndarray, degrees: float) -> np.ndarray:
     return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
-def centre_face(result: dict, side: int) -> dict | None:
-    """The face whose box is on the canvas centre at about the face's size, if any."""
-    for f in result.get("faces", []):
-        b = f["box"]
-        if (abs(b["x"] + b["w"] / 2 - side / 2) < 40 and abs(b["y"] + b["h"] / 2 - side / 2) < 40
-                and 70 < b["w"] < 320):
+def centre_face(result, side: int):
+    """The face (an artifacts.answers.FaceAnswer) whose box is on the canvas centre at about the
+    face's size, if any."""
+    for f in result.faces or []:
+        b = f.box
+        if (abs(b.x + b.w / 2 - side / 2) < 40 and abs(b.y + b.h / 2 - side / 2) < 40
+                and 70 < b.w < 320):
             return f
     return None
 
@@ -80,9 +81,9 @@ def run(args) -> str:
                     if face is None:
                         continue
                     found += 1
-                    right += face["emotion"] == classes[int(y[start + k])]
-                    if face["roll"]:   # found by the roll search: how upright is its crop
-                        rolls.append(abs(face["roll"] - deg * signs[start + k]))
+                    right += face.emotion == classes[int(y[start + k])]
+                    if face.roll:   # found by the roll search: how upright is its crop
+                        rolls.append(abs(face.roll - deg * signs[start + k]))
             row[mode] = {"found": found / len(idx), "acc_found": right / max(found, 1),
                          "by_search": len(rolls) / len(idx),
                          "end_to_end": right / len(idx),

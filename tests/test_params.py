@@ -46,7 +46,7 @@ def test_committed_json_schema_is_the_schema_of_params_py():
     """docs/schemas/params.schema.json is what editors check params.yaml with: regenerate it
     (`make schemas`) when a param changes."""
     committed = (ROOT / P.SCHEMA_PATH).read_text()
-    assert committed == P.schema_text(), "stale params schema: run `make schemas`"
+    assert committed == P.schema_text(), "stale params schema: run `fer schemas` (make schemas)"
     assert (ROOT / "params.yaml").read_text().startswith(
         f"# yaml-language-server: $schema={P.SCHEMA_PATH}")
 

@@ -157,7 +157,7 @@ def champion_missing(registry: RegistryParams, mlflow: MlflowParams) -> str | No
 def load_release(folder: str | Path, runtime: str = "auto") -> Classifier:
     """The bundle `fer export` wrote: its classes and test-time augmentation, checked.
     runtime "auto" takes model.onnx with ONNX Runtime when both are there (no TensorFlow
-    import: 0.6 s cold start instead of 10 s, benchmarks/results.md), else model.keras."""
+    import: 0.6 s cold start instead of 10 s, docs/results.md), else model.keras."""
     from fer_pipeline.release import MODEL_FILE, ONNX_FILE, onnxruntime_available, read_release
 
     folder = Path(folder)

@@ -1,5 +1,6 @@
 """The published JSON Schemas (docs/schemas/<name>.schema.json), generated from the artifact
-models: `fer schemas` writes them, a test checks that the committed ones are current."""
+models and params.yaml's schema: `fer schemas` writes them, a test checks that the committed
+ones are current."""
 
 from __future__ import annotations
 
@@ -38,12 +39,21 @@ def render(name: str) -> str:
     return json.dumps(schema(name), indent=2) + "\n"
 
 
+def _all() -> dict[str, str]:
+    """Every published schema's text by file name: the artifacts' and params.yaml's."""
+    from fer_pipeline import params
+
+    out = {f"{n}.schema.json": render(n) for n in SCHEMAS}
+    out[params.SCHEMA_PATH.name] = params.schema_text()
+    return out
+
+
 def write_all(folder: str | Path = SCHEMA_DIR) -> list[Path]:
     """Write every schema into `folder`; the paths written."""
     paths = []
-    for name in SCHEMAS:
-        path = Path(folder) / f"{name}.schema.json"
-        write_text(path, render(name))
+    for fname, text in _all().items():
+        path = Path(folder) / fname
+        write_text(path, text)
         paths.append(path)
     return paths
 
@@ -51,8 +61,8 @@ def write_all(folder: str | Path = SCHEMA_DIR) -> list[Path]:
 def stale(folder: str | Path = SCHEMA_DIR) -> list[str]:
     """Schemas whose file in `folder` is missing or differs from the models (or is extra)."""
     folder = Path(folder)
-    out = [n for n in SCHEMAS if not (folder / f"{n}.schema.json").is_file()
-           or (folder / f"{n}.schema.json").read_text() != render(n)]
-    known = {f"{n}.schema.json" for n in SCHEMAS}
-    out += [p.name for p in sorted(folder.glob("*.schema.json")) if p.name not in known]
+    texts = _all()
+    out = [f for f, text in texts.items() if not (folder / f).is_file()
+           or (folder / f).read_text() != text]
+    out += [p.name for p in sorted(folder.glob("*.schema.json")) if p.name not in texts]
     return out

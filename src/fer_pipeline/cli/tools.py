@@ -192,16 +192,16 @@ def _registry_line(experiment: str) -> str:
 
 
 def _schemas(args: argparse.Namespace) -> int:
-    """Write the artifacts' JSON Schemas, or (--check) fail when the committed ones are not
-    what the models give."""
+    """Write the JSON Schemas of params.yaml and the artifacts, or (--check) fail when the
+    committed ones are not what the models give."""
     from fer_pipeline.artifacts import schemas
 
     if args.check:
         stale = schemas.stale(args.out)
         if stale:
-            raise FerError(f"{args.out}: not the schemas of the artifact models: "
+            raise FerError(f"{args.out}: not the schemas of params.py and the artifact models: "
                            f"{', '.join(stale)}; run `fer schemas`")
-        print(f"{args.out}: {len(schemas.SCHEMAS)} schemas, current")
+        print(f"{args.out}: {len(schemas.SCHEMAS) + 1} schemas, current")
         return 0
     for path in schemas.write_all(args.out):
         print(path)
