@@ -8,8 +8,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fer_pipeline import params as P
 from fer_pipeline.profiles import load_profile
 
@@ -52,9 +50,12 @@ def write_overrides(root: str | Path, overrides: dict[str, Any],
     ryaml = YAML()
     ryaml.preserve_quotes = True
     data = ryaml.load(path.read_text())
+    effective = _effective(path) if validate else {}
     changed: dict[str, list[Any]] = {}
     for key, value in overrides.items():
         old = _get_dotted(data, key)
+        if old is None:            # a key params.yaml leaves out: its default is the old value
+            old = _get_dotted(effective, key)
         if old != value:
             P.set_dotted(data, key, value)
             changed[key] = [_plain(old), value]
@@ -67,9 +68,14 @@ def write_overrides(root: str | Path, overrides: dict[str, Any],
 def changes(root: str | Path, overrides: dict[str, Any]) -> dict[str, list[Any]]:
     """{key: [old, new]} for the overrides that differ from `root`'s params.yaml (read only:
     a resumed run copy already holds them, the checkout says what the run changed)."""
-    data = yaml.safe_load((Path(root) / "params.yaml").read_text()) or {}
+    data = _effective(Path(root) / "params.yaml")
     return {key: [_plain(old), value] for key, value in (overrides or {}).items()
             if (old := _get_dotted(data, key)) != value}
+
+
+def _effective(path: Path) -> dict[str, Any]:
+    """params.yaml with every default filled in (what a run reads), as plain data."""
+    return P.to_dict(P.load(path))
 
 
 def _get_dotted(data: Any, key: str) -> Any:
