@@ -115,8 +115,11 @@ def train_model(name: str, model_params: ModelParams, train_params: TrainParams,
                                     [state.save_history, run.log_epoch])
         keeper = recipe.BestKeeper(built.model, state.best_model, mp.monitor,
                                    prior_best(rows, mp.monitor))
+        # double_checkpoint: a crash while the backup is written (SIGKILL at an epoch's end)
+        # leaves a truncated file; Keras then resumes from the previous epoch's copy
         callbacks = [*recipe.callbacks(mp, logger, keeper),
-                     keras.callbacks.BackupAndRestore(str(state.backup_dir))]
+                     keras.callbacks.BackupAndRestore(str(state.backup_dir),
+                                                      double_checkpoint=True)]
         log.info("training %s (%s, %d trainable params, %s, pretrained=%s, feature cache=%s) "
                  "on %d images, validating on %d", name, mp.arch, n_params, policy,
                  built.pretrained, mp.uses_feature_cache, len(train), len(val))
